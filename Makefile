@@ -1,0 +1,74 @@
+# ma-gateway: the two commands that matter are `make run` and `make test`.
+# Every target installs what it needs (rustup target, project venv, Debian packages as root).
+
+SHELL        := /bin/bash
+.SHELLFLAGS  := -eu -o pipefail -c
+PYTHON       ?= python3
+VENV         := .venv
+VENV_PY      := $(VENV)/bin/python
+VENV_STAMP   := $(VENV)/.installed
+WASM         := target/wasm32-wasip1/release/ma_gateway.wasm
+EMULATOR     := target/release/ma-emulator
+ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
+DEBIAN_PACKAGES := ca-certificates
+
+.PHONY: all run test lint unit validate e2e build wasm emulator toolchain venv debs clean
+
+all: build
+
+## run: build everything and start Envoy + filter on 127.0.0.1:10000 (emulator when no ANTHROPIC_API_KEY)
+run: build venv
+	@$(VENV_PY) -m tests.harness.run
+
+## test: lint, unit and property tests, config validation, and the real-Envoy end-to-end suite
+test: lint unit validate e2e
+
+debs:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	fi
+
+toolchain:
+	@if command -v rustup >/dev/null; then \
+	  rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1; \
+	fi
+
+$(VENV_STAMP): tests/requirements.txt | debs
+	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	@touch $@
+
+venv: $(VENV_STAMP)
+
+wasm: toolchain
+	cargo build --target wasm32-wasip1 --release --lib
+	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
+
+emulator:
+	cargo build --release --bin ma-emulator
+
+build: wasm emulator
+
+lint: toolchain
+	cargo fmt --check
+	cargo clippy --target wasm32-wasip1 --lib -- -D warnings
+	cargo clippy --all-targets -- -D warnings
+
+unit:
+	cargo test --all-targets
+
+## validate: every shipped Envoy config passes `envoy --mode validate` (with the real filter loaded)
+validate: wasm venv
+	@for c in $(ENVOY_CONFIGS); do \
+	  echo "envoy --mode validate -c $$c"; \
+	  ANTHROPIC_API_KEY=validate-only $(VENV)/bin/envoy --mode validate -c $$c --disable-hot-restart -l error >/dev/null || exit 1; \
+	done
+
+e2e: build venv
+	$(VENV_PY) -m pytest -q tests/e2e
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

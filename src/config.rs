@@ -1,0 +1,553 @@
+//! Plugin configuration: JSON (as Istio `pluginConfig` and Envoy Gateway send it) → a validated,
+//! compiled, immutable [`Plan`].
+//!
+//! Parsing is strict and every error names the field path, e.g.
+//! `config error at gateway_keys[1].sha256: expected 64 hex digits`. Unknown fields are errors
+//! (a typo must not silently disable a control). The root context keeps the last good plan
+//! only when a new one compiles completely; `on_configure` returns false otherwise.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use crate::routes::{Neighbour, RouteRules};
+use crate::sha256;
+
+/// The only config version this build understands.
+pub const API_VERSION: &str = "v1";
+/// The beta every Managed Agents call must carry.
+pub const MANAGED_AGENTS_BETA: &str = "managed-agents-2026-04-01";
+
+/// A config problem and where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path with indices, e.g. `upstream.authority` or `gateway_keys[0].name`.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "config error: {}", self.message)
+        } else {
+            write!(f, "config error at {}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The compiled configuration every stream reads; built once per `on_configure`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub upstream: Upstream,
+    pub betas: Betas,
+    pub routes: RouteRules,
+    pub gateway_keys: Vec<GatewayKey>,
+}
+
+/// Where calls go and how they are credentialed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// `:authority` sent upstream, e.g. `api.anthropic.com`.
+    pub authority: String,
+    /// Environment variable (exposed through `vm_config.environment_variables.host_env_keys`)
+    /// that seeds the upstream key into shared data. Never the key itself.
+    pub credential_env: String,
+    /// `anthropic-version` set when the client sent none (a client's own is never changed).
+    pub anthropic_version: String,
+}
+
+/// The `anthropic-beta` rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Betas {
+    /// Always present on forwarded calls (merged with the client's).
+    pub required: Vec<String>,
+    /// What clients may send; anything else is refused with 400. Always includes `required`.
+    pub allowed: Vec<String>,
+}
+
+/// One gateway API key: only its SHA-256 is configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayKey {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub tenant: String,
+}
+
+/// The tenant a key belongs to when its config names none.
+pub const DEFAULT_TENANT: &str = "default";
+
+impl Plan {
+    /// Parses, validates and compiles plugin configuration bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Plan, ConfigError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| ConfigError {
+            path: String::new(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let mut root = Obj::new(value, String::new())?;
+        let version = root.req_str("api_version")?;
+        if version != API_VERSION {
+            return Err(root.error_at(
+                "api_version",
+                format!(
+                    "unsupported version {version:?}; this build understands \"{API_VERSION}\""
+                ),
+            ));
+        }
+        let upstream = parse_upstream(root.opt_obj("upstream")?)?;
+        let betas = parse_betas(root.opt_obj("betas")?)?;
+        let routes = parse_routes(root.opt_obj("routes")?)?;
+        let gateway_keys = parse_gateway_keys(&mut root)?;
+        root.finish()?;
+        Ok(Plan {
+            upstream,
+            betas,
+            routes,
+            gateway_keys,
+        })
+    }
+}
+
+fn parse_upstream(obj: Option<Obj>) -> Result<Upstream, ConfigError> {
+    let mut upstream = Upstream {
+        authority: "api.anthropic.com".into(),
+        credential_env: "ANTHROPIC_API_KEY".into(),
+        anthropic_version: "2023-06-01".into(),
+    };
+    let Some(mut obj) = obj else {
+        return Ok(upstream);
+    };
+    if let Some(authority) = obj.opt_str("authority")? {
+        let valid = !authority.is_empty()
+            && authority.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+            });
+        if !valid {
+            return Err(obj.error_at("authority", "expected a host name, optionally with :port"));
+        }
+        upstream.authority = authority;
+    }
+    if let Some(name) = obj.opt_str("credential_env")? {
+        let valid =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(obj.error_at(
+                "credential_env",
+                "expected an environment variable name ([A-Za-z0-9_]+), not a key",
+            ));
+        }
+        upstream.credential_env = name;
+    }
+    if let Some(version) = obj.opt_str("anthropic_version")? {
+        if !is_header_token(&version) {
+            return Err(obj.error_at("anthropic_version", "expected a version such as 2023-06-01"));
+        }
+        upstream.anthropic_version = version;
+    }
+    obj.finish()?;
+    Ok(upstream)
+}
+
+fn parse_betas(obj: Option<Obj>) -> Result<Betas, ConfigError> {
+    let mut betas = Betas {
+        required: vec![MANAGED_AGENTS_BETA.into()],
+        allowed: [
+            MANAGED_AGENTS_BETA,
+            "files-api-2025-04-14",
+            "skills-2025-10-02",
+            "agent-memory-2026-07-22",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let Some(mut obj) = obj else {
+        return Ok(betas);
+    };
+    if let Some(required) = obj.opt_str_list("required", is_header_token)? {
+        if !required.iter().any(|b| b == MANAGED_AGENTS_BETA) {
+            return Err(obj.error_at(
+                "required",
+                format!("must include {MANAGED_AGENTS_BETA:?}: every Managed Agents call needs it"),
+            ));
+        }
+        betas.required = required;
+    }
+    if let Some(allowed) = obj.opt_str_list("allowed", is_header_token)? {
+        betas.allowed = allowed;
+    }
+    obj.finish()?;
+    // Required betas are always allowed; keep the union here so checks need one list.
+    for required in &betas.required {
+        if !betas.allowed.contains(required) {
+            betas.allowed.insert(0, required.clone());
+        }
+    }
+    Ok(betas)
+}
+
+fn parse_routes(obj: Option<Obj>) -> Result<RouteRules, ConfigError> {
+    let mut rules = RouteRules::default();
+    let Some(mut obj) = obj else {
+        return Ok(rules);
+    };
+    if let Some(names) = obj.opt_str_list("neighbours", |_| true)? {
+        let mut neighbours = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let Some(n) = Neighbour::parse(name) else {
+                let known: Vec<_> = Neighbour::ALL.iter().map(|n| n.as_str()).collect();
+                return Err(obj.error_at(
+                    &format!("neighbours[{i}]"),
+                    format!("unknown neighbour {name:?}; known: {}", known.join(", ")),
+                ));
+            };
+            neighbours.push(n);
+        }
+        rules.neighbours = neighbours;
+    }
+    if let Some(n) = obj.opt_uint("max_path_bytes", 64, 65_536)? {
+        rules.max_path_bytes = n;
+    }
+    if let Some(n) = obj.opt_uint("max_id_bytes", 16, 1024)? {
+        rules.max_id_bytes = n;
+    }
+    obj.finish()?;
+    Ok(rules)
+}
+
+fn parse_gateway_keys(root: &mut Obj) -> Result<Vec<GatewayKey>, ConfigError> {
+    let Some(items) = root.opt_array("gateway_keys")? else {
+        return Ok(Vec::new());
+    };
+    let mut keys: Vec<GatewayKey> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let path = format!("{}[{i}]", root.child_path("gateway_keys"));
+        let mut obj = Obj::new(item, path)?;
+        let name = obj.req_str("name")?;
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(obj.error_at("name", "expected a non-empty name of [A-Za-z0-9_.-]"));
+        }
+        if keys.iter().any(|k| k.name == name) {
+            return Err(obj.error_at("name", format!("duplicate key name {name:?}")));
+        }
+        let hex = obj.req_str("sha256")?;
+        let Some(sha256) = sha256::from_hex(&hex) else {
+            return Err(obj.error_at(
+                "sha256",
+                "expected 64 hex digits (the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)",
+            ));
+        };
+        let tenant = obj
+            .opt_str("tenant")?
+            .unwrap_or_else(|| DEFAULT_TENANT.into());
+        obj.finish()?;
+        keys.push(GatewayKey {
+            name,
+            sha256,
+            tenant,
+        });
+    }
+    Ok(keys)
+}
+
+/// A visible-ASCII token usable as a header value element (no commas, spaces or controls).
+fn is_header_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b',')
+}
+
+/// A JSON object being consumed field by field; whatever is left at `finish` is unknown.
+struct Obj {
+    path: String,
+    fields: Map<String, Value>,
+}
+
+impl Obj {
+    fn new(value: Value, path: String) -> Result<Obj, ConfigError> {
+        match value {
+            Value::Object(fields) => Ok(Obj { path, fields }),
+            other => Err(ConfigError {
+                path: if path.is_empty() {
+                    "(root)".into()
+                } else {
+                    path
+                },
+                message: format!("expected an object, found {}", type_name(&other)),
+            }),
+        }
+    }
+
+    fn child_path(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
+        }
+    }
+
+    fn error_at(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: self.child_path(key),
+            message: message.into(),
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.fields.remove(key)
+    }
+
+    fn req_str(&mut self, key: &str) -> Result<String, ConfigError> {
+        self.opt_str(key)?
+            .ok_or_else(|| self.error_at(key, "missing (a string is required)"))
+    }
+
+    fn opt_str(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(self.error_at(
+                key,
+                format!("expected a string, found {}", type_name(&other)),
+            )),
+        }
+    }
+
+    fn opt_uint(
+        &mut self,
+        key: &str,
+        min: usize,
+        max: usize,
+    ) -> Result<Option<usize>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(self.error_at(
+                    key,
+                    format!("expected an integer from {min} to {max}, found {n}"),
+                )),
+            },
+            Some(other) => Err(self.error_at(
+                key,
+                format!("expected an integer, found {}", type_name(&other)),
+            )),
+        }
+    }
+
+    fn opt_obj(&mut self, key: &str) -> Result<Option<Obj>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(value) => Obj::new(value, self.child_path(key)).map(Some),
+        }
+    }
+
+    fn opt_array(&mut self, key: &str) -> Result<Option<Vec<Value>>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => Ok(Some(items)),
+            Some(other) => Err(self.error_at(
+                key,
+                format!("expected an array, found {}", type_name(&other)),
+            )),
+        }
+    }
+
+    /// An optional array of strings, each checked by `valid`.
+    fn opt_str_list(
+        &mut self,
+        key: &str,
+        valid: fn(&str) -> bool,
+    ) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(items) = self.opt_array(key)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let at = format!("{key}[{i}]");
+            match item {
+                Value::String(s) if valid(&s) => out.push(s),
+                Value::String(s) => return Err(self.error_at(&at, format!("invalid value {s:?}"))),
+                other => {
+                    return Err(self.error_at(
+                        &at,
+                        format!("expected a string, found {}", type_name(&other)),
+                    ))
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Fails on the first field nobody consumed: an unknown (probably misspelt) field.
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.fields.keys().next() {
+            None => Ok(()),
+            Some(key) => Err(ConfigError {
+                path: self.child_path(key),
+                message: "unknown field".into(),
+            }),
+        }
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        Plan::from_json(json.as_bytes()).unwrap_err().to_string()
+    }
+
+    const KEY_HASH: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let plan = Plan::from_json(br#"{"api_version":"v1"}"#).unwrap();
+        assert_eq!(plan.upstream.authority, "api.anthropic.com");
+        assert_eq!(plan.upstream.credential_env, "ANTHROPIC_API_KEY");
+        assert_eq!(plan.upstream.anthropic_version, "2023-06-01");
+        assert_eq!(plan.betas.required, vec![MANAGED_AGENTS_BETA.to_string()]);
+        assert_eq!(plan.betas.allowed.len(), 4);
+        assert_eq!(plan.routes, RouteRules::default());
+        assert!(plan.gateway_keys.is_empty());
+    }
+
+    #[test]
+    fn full_config_compiles() {
+        let json = format!(
+            r#"{{"api_version":"v1",
+               "upstream":{{"authority":"127.0.0.1:8080","credential_env":"UPSTREAM_KEY","anthropic_version":"2026-10-21"}},
+               "betas":{{"required":["{MANAGED_AGENTS_BETA}"],"allowed":["files-api-2025-04-14"]}},
+               "routes":{{"neighbours":["files","skills"],"max_path_bytes":512,"max_id_bytes":64}},
+               "gateway_keys":[{{"name":"ci","sha256":"{KEY_HASH}","tenant":"acme"}}]}}"#
+        );
+        let plan = Plan::from_json(json.as_bytes()).unwrap();
+        assert_eq!(plan.upstream.authority, "127.0.0.1:8080");
+        assert_eq!(plan.upstream.credential_env, "UPSTREAM_KEY");
+        assert_eq!(
+            plan.routes.neighbours,
+            vec![Neighbour::Files, Neighbour::Skills]
+        );
+        assert_eq!(plan.routes.max_path_bytes, 512);
+        assert_eq!(plan.gateway_keys[0].name, "ci");
+        assert_eq!(plan.gateway_keys[0].tenant, "acme");
+        assert_eq!(plan.gateway_keys[0].sha256, sha256::digest(b"foo"));
+    }
+
+    #[test]
+    fn errors_name_the_field_path() {
+        let cases = [
+            ("not json", "config error: not valid JSON"),
+            (
+                "[]",
+                "config error at (root): expected an object, found an array",
+            ),
+            ("{}", "config error at api_version: missing"),
+            (
+                r#"{"api_version":2}"#,
+                "config error at api_version: expected a string, found a number",
+            ),
+            (
+                r#"{"api_version":"v9"}"#,
+                "config error at api_version: unsupported version",
+            ),
+            (
+                r#"{"api_version":"v1","upstrem":{}}"#,
+                "config error at upstrem: unknown field",
+            ),
+            (
+                r#"{"api_version":"v1","upstream":{"host":"x"}}"#,
+                "config error at upstream.host: unknown field",
+            ),
+            (
+                r#"{"api_version":"v1","upstream":[]}"#,
+                "config error at upstream: expected an object",
+            ),
+            (
+                r#"{"api_version":"v1","upstream":{"authority":"a b"}}"#,
+                "config error at upstream.authority:",
+            ),
+            (
+                r#"{"api_version":"v1","upstream":{"credential_env":"sk-ant-123"}}"#,
+                "config error at upstream.credential_env:",
+            ),
+            (
+                r#"{"api_version":"v1","betas":{"required":["x"]}}"#,
+                "config error at betas.required: must include",
+            ),
+            (
+                r#"{"api_version":"v1","betas":{"allowed":["a,b"]}}"#,
+                "config error at betas.allowed[0]: invalid value",
+            ),
+            (
+                r#"{"api_version":"v1","betas":{"allowed":[1]}}"#,
+                "config error at betas.allowed[0]: expected a string",
+            ),
+            (
+                r#"{"api_version":"v1","routes":{"neighbours":["files","mail"]}}"#,
+                "config error at routes.neighbours[1]: unknown neighbour",
+            ),
+            (
+                r#"{"api_version":"v1","routes":{"max_id_bytes":-1}}"#,
+                "config error at routes.max_id_bytes: expected an integer from 16 to 1024",
+            ),
+            (
+                r#"{"api_version":"v1","routes":{"max_path_bytes":"big"}}"#,
+                "config error at routes.max_path_bytes: expected an integer, found a string",
+            ),
+            (
+                r#"{"api_version":"v1","gateway_keys":{}}"#,
+                "config error at gateway_keys: expected an array",
+            ),
+            (
+                r#"{"api_version":"v1","gateway_keys":[{"name":"a"}]}"#,
+                "config error at gateway_keys[0].sha256: missing",
+            ),
+            (
+                r#"{"api_version":"v1","gateway_keys":[{"name":"a","sha256":"abc"}]}"#,
+                "config error at gateway_keys[0].sha256: expected 64 hex digits",
+            ),
+            (
+                r#"{"api_version":"v1","gateway_keys":[{"name":"a b","sha256":"abc"}]}"#,
+                "config error at gateway_keys[0].name:",
+            ),
+            (
+                r#"{"api_version":"v1","gateway_keys":[1]}"#,
+                "config error at gateway_keys[0]: expected an object, found a number",
+            ),
+        ];
+        for (json, want) in cases {
+            let got = err(json);
+            assert!(got.starts_with(want), "{json}\n got: {got}\nwant: {want}");
+        }
+        let dup = format!(
+            r#"{{"api_version":"v1","gateway_keys":[{{"name":"a","sha256":"{KEY_HASH}"}},{{"name":"a","sha256":"{KEY_HASH}"}}]}}"#
+        );
+        assert_eq!(
+            err(&dup),
+            "config error at gateway_keys[1].name: duplicate key name \"a\""
+        );
+        let extra = format!(
+            r#"{{"api_version":"v1","gateway_keys":[{{"name":"a","sha256":"{KEY_HASH}","key":"plain"}}]}}"#
+        );
+        assert_eq!(
+            err(&extra),
+            "config error at gateway_keys[0].key: unknown field"
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! The request-phase decision, as one pure function: may this call go upstream, and how?
+//!
+//! `admit` runs the steps in a fixed order — authenticate, classify (default deny), check the
+//! upstream credential, rewrite headers — and returns either everything the glue needs to
+//! forward the call or the [`ApiError`] to answer with. Authentication comes first so that an
+//! anonymous caller learns nothing about which paths exist.
+
+use crate::config::Plan;
+use crate::errors::{excerpt, ApiError, ErrorKind};
+use crate::headers::{rewrite_request, HeaderEdit};
+use crate::identity::{authenticate, presented_key, Principal};
+use crate::routes::{classify, Operation};
+
+/// What the glue read from the host for one request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    /// `:path`, query string included.
+    pub path: &'a str,
+    /// Every request header (lowercase names, pseudo-headers included), in order.
+    pub headers: &'a [(String, String)],
+}
+
+impl<'a> RequestHead<'a> {
+    /// The first value of a header, by lowercase name.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A call the gateway lets through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub operation: Operation,
+    pub principal: Principal,
+    /// Header edits to apply, in order.
+    pub edits: Vec<HeaderEdit>,
+}
+
+/// Decides one request. `credential` is the upstream key currently in shared data, if any.
+pub fn admit(
+    plan: &Plan,
+    head: &RequestHead<'_>,
+    credential: Option<&str>,
+) -> Result<Admitted, ApiError> {
+    let presented = presented_key(head.header("x-api-key"), head.header("authorization"));
+    let principal = authenticate(&plan.gateway_keys, presented)?;
+    let operation = classify(&plan.routes, head.method, head.path).ok_or_else(|| {
+        let path = head.path.split_once('?').map_or(head.path, |(p, _)| p);
+        ApiError::new(
+            ErrorKind::NotFound,
+            format!(
+                "no Managed Agents endpoint matches {} {} on this gateway",
+                excerpt(head.method, 16),
+                excerpt(path, 200)
+            ),
+        )
+    })?;
+    let credential = credential.ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "the gateway has no upstream credential configured (set {} in Envoy's environment); nothing was forwarded",
+                plan.upstream.credential_env
+            ),
+        )
+    })?;
+    let edits = rewrite_request(plan, head.headers, credential)?;
+    Ok(Admitted {
+        operation,
+        principal,
+        edits,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::{Action, Family};
+    use crate::sha256;
+
+    fn plan() -> Plan {
+        let json = format!(
+            r#"{{"api_version":"v1","gateway_keys":[{{"name":"dev","sha256":"{}","tenant":"acme"}}]}}"#,
+            sha256::to_hex(&sha256::digest(b"gw-key"))
+        );
+        Plan::from_json(json.as_bytes()).unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn run(
+        method: &str,
+        path: &str,
+        pairs: &[(&str, &str)],
+        credential: Option<&str>,
+    ) -> Result<Admitted, ApiError> {
+        let headers = headers(pairs);
+        admit(
+            &plan(),
+            &RequestHead {
+                method,
+                path,
+                headers: &headers,
+            },
+            credential,
+        )
+    }
+
+    #[test]
+    fn authenticated_known_call_is_admitted() {
+        let admitted = run(
+            "GET",
+            "/v1/sessions/sesn_1/stream",
+            &[("authorization", "Bearer gw-key")],
+            Some("sk"),
+        )
+        .unwrap();
+        assert_eq!(admitted.operation.family, Family::SessionEvents);
+        assert_eq!(admitted.operation.action, Action::Stream);
+        assert_eq!(admitted.principal.name, "dev");
+        assert_eq!(admitted.principal.tenant, "acme");
+        assert_eq!(
+            admitted.edits.last(),
+            Some(&HeaderEdit::Set("x-api-key".into(), "sk".into()))
+        );
+    }
+
+    #[test]
+    fn refusals_in_order() {
+        let status = |r: Result<Admitted, ApiError>| r.map(|_| 200).unwrap_or_else(|e| e.status());
+        // Anonymous: 401 even for a path that does not exist.
+        assert_eq!(status(run("GET", "/v1/messages", &[], Some("sk"))), 401);
+        assert_eq!(
+            status(run(
+                "GET",
+                "/v1/agents",
+                &[("x-api-key", "nope")],
+                Some("sk")
+            )),
+            401
+        );
+        assert_eq!(
+            status(run(
+                "GET",
+                "/v1/messages",
+                &[("x-api-key", "gw-key")],
+                Some("sk")
+            )),
+            404
+        );
+        assert_eq!(
+            status(run("GET", "/v1/agents", &[("x-api-key", "gw-key")], None)),
+            503
+        );
+        assert_eq!(
+            status(run(
+                "GET",
+                "/v1/agents",
+                &[("x-api-key", "gw-key"), ("anthropic-beta", "evil-1")],
+                Some("sk")
+            )),
+            400
+        );
+        assert_eq!(
+            status(run(
+                "GET",
+                "/v1/agents",
+                &[("x-api-key", "gw-key")],
+                Some("sk")
+            )),
+            200
+        );
+    }
+
+    #[test]
+    fn not_found_message_names_the_call_without_the_query() {
+        let err = run(
+            "GET",
+            "/v1/messages?key=secret",
+            &[("x-api-key", "gw-key")],
+            Some("sk"),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        assert_eq!(
+            err.message,
+            "no Managed Agents endpoint matches GET /v1/messages on this gateway"
+        );
+    }
+
+    #[test]
+    fn missing_credential_message_names_the_variable() {
+        let err = run("GET", "/v1/agents", &[("x-api-key", "gw-key")], None).unwrap_err();
+        assert!(err.message.contains("ANTHROPIC_API_KEY"), "{}", err.message);
+    }
+}

@@ -1,0 +1,294 @@
+//! Request header rewriting: what the gateway removes, sets and refuses before forwarding.
+//!
+//! Input is the client's header list; output is an ordered list of [`HeaderEdit`]s (all removals,
+//! then all sets) that the glue applies verbatim. Client credentials and hop-by-hop headers are
+//! removed; `anthropic-version` is set only when absent (a client's own is never downgraded);
+//! `anthropic-beta` is merged into one comma-separated value that always contains the required
+//! betas, and any beta outside the allowlist is refused; `:authority` and the upstream key are
+//! set last, so nothing the client sent can override them.
+
+use crate::config::Plan;
+use crate::errors::{excerpt, ApiError, ErrorKind};
+
+/// Headers that carry a client's credentials: never forwarded.
+pub const CREDENTIAL_HEADERS: [&str; 4] = [
+    "x-api-key",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+];
+
+/// Connection-scoped headers (RFC 9110 §7.6.1) that must not cross the proxy.
+pub const HOP_BY_HOP_HEADERS: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Headers the gateway owns on the upstream request; a client may not name them in
+/// `Connection` to have them dropped, and the gateway always sets them itself.
+const GATEWAY_OWNED: [&str; 3] = [":authority", "x-api-key", "anthropic-beta"];
+
+/// Most betas one call may carry; bounds parsing work and the forwarded header.
+const MAX_BETAS: usize = 32;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderEdit {
+    Remove(String),
+    Set(String, String),
+}
+
+/// Computes the edits for one request. `credential` is the upstream key read from shared data.
+pub fn rewrite_request(
+    plan: &Plan,
+    headers: &[(String, String)],
+    credential: &str,
+) -> Result<Vec<HeaderEdit>, ApiError> {
+    let mut removals: Vec<String> = Vec::new();
+    let mut remove = |name: &str| {
+        if !removals.iter().any(|r| r == name) {
+            removals.push(name.to_string());
+        }
+    };
+    let mut betas: Vec<&str> = Vec::new();
+    let mut has_version = false;
+    for (name, value) in headers {
+        let name = name.as_str();
+        if CREDENTIAL_HEADERS.contains(&name) || HOP_BY_HOP_HEADERS.contains(&name) {
+            remove(name);
+        }
+        match name {
+            "connection" => {
+                for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                    let token = token.to_ascii_lowercase();
+                    if !token.starts_with(':') && !GATEWAY_OWNED.contains(&token.as_str()) {
+                        remove(&token);
+                    }
+                }
+            }
+            "anthropic-version" => has_version |= !value.trim().is_empty(),
+            "anthropic-beta" => {
+                for beta in value.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+                    if !betas.contains(&beta) {
+                        betas.push(beta);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let merged = merge_betas(plan, &betas)?;
+    let mut edits: Vec<HeaderEdit> = removals.into_iter().map(HeaderEdit::Remove).collect();
+    // Replace every client copy of the beta header by the single merged value.
+    edits.push(HeaderEdit::Remove("anthropic-beta".into()));
+    edits.push(HeaderEdit::Set("anthropic-beta".into(), merged));
+    if !has_version {
+        edits.push(HeaderEdit::Set(
+            "anthropic-version".into(),
+            plan.upstream.anthropic_version.clone(),
+        ));
+    }
+    edits.push(HeaderEdit::Set(
+        ":authority".into(),
+        plan.upstream.authority.clone(),
+    ));
+    edits.push(HeaderEdit::Set("x-api-key".into(), credential.to_string()));
+    Ok(edits)
+}
+
+/// Client betas first (their order kept), then any required beta they lacked.
+fn merge_betas(plan: &Plan, client: &[&str]) -> Result<String, ApiError> {
+    if client.len() > MAX_BETAS {
+        return Err(ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "too many anthropic-beta values ({}); at most {MAX_BETAS}",
+                client.len()
+            ),
+        ));
+    }
+    let allowed = &plan.betas.allowed;
+    if let Some(refused) = client.iter().find(|b| !allowed.iter().any(|a| a == *b)) {
+        return Err(ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "anthropic-beta {:?} is not allowed by this gateway; allowed: {}",
+                excerpt(refused, 64),
+                allowed.join(", ")
+            ),
+        ));
+    }
+    let mut merged: Vec<&str> = client.to_vec();
+    for required in &plan.betas.required {
+        if !merged.contains(&required.as_str()) {
+            merged.push(required);
+        }
+    }
+    Ok(merged.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MANAGED_AGENTS_BETA;
+
+    fn plan() -> Plan {
+        Plan::from_json(br#"{"api_version":"v1","upstream":{"authority":"api.example.test"}}"#)
+            .unwrap()
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn set_value<'e>(edits: &'e [HeaderEdit], name: &str) -> Option<&'e str> {
+        edits.iter().rev().find_map(|e| match e {
+            HeaderEdit::Set(n, v) if n == name => Some(v.as_str()),
+            _ => None,
+        })
+    }
+
+    fn removed(edits: &[HeaderEdit]) -> Vec<&str> {
+        edits
+            .iter()
+            .filter_map(|e| match e {
+                HeaderEdit::Remove(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plain_sdk_request_is_rewritten() {
+        let edits = rewrite_request(
+            &plan(),
+            &h(&[
+                (":method", "GET"),
+                (":authority", "gateway.local"),
+                ("authorization", "Bearer gw-key"),
+                ("anthropic-version", "2026-10-21"),
+                ("anthropic-beta", MANAGED_AGENTS_BETA),
+            ]),
+            "sk-upstream",
+        )
+        .unwrap();
+        assert_eq!(
+            edits,
+            vec![
+                HeaderEdit::Remove("authorization".into()),
+                HeaderEdit::Remove("anthropic-beta".into()),
+                HeaderEdit::Set("anthropic-beta".into(), MANAGED_AGENTS_BETA.into()),
+                HeaderEdit::Set(":authority".into(), "api.example.test".into()),
+                HeaderEdit::Set("x-api-key".into(), "sk-upstream".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn version_is_only_set_when_absent() {
+        let edits = rewrite_request(&plan(), &h(&[("x-api-key", "gw")]), "sk").unwrap();
+        assert_eq!(set_value(&edits, "anthropic-version"), Some("2023-06-01"));
+        let edits =
+            rewrite_request(&plan(), &h(&[("anthropic-version", "2026-10-21")]), "sk").unwrap();
+        assert_eq!(set_value(&edits, "anthropic-version"), None);
+    }
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_are_removed() {
+        let edits = rewrite_request(
+            &plan(),
+            &h(&[
+                ("x-api-key", "gw"),
+                ("authorization", "Bearer x"),
+                ("proxy-authorization", "Basic y"),
+                ("cookie", "session=z"),
+                (
+                    "connection",
+                    "keep-alive, X-Secret-Hop, x-api-key, :authority",
+                ),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("upgrade", "h2c"),
+                ("x-secret-hop", "1"),
+                ("x-unrelated", "kept"),
+            ]),
+            "sk",
+        )
+        .unwrap();
+        assert_eq!(
+            removed(&edits),
+            vec![
+                "x-api-key",
+                "authorization",
+                "proxy-authorization",
+                "cookie",
+                "connection",
+                "keep-alive",
+                "x-secret-hop",
+                "te",
+                "upgrade",
+                "anthropic-beta"
+            ]
+        );
+        // The gateway's own key is set after every removal, so it is the one that is forwarded.
+        assert_eq!(
+            edits.last(),
+            Some(&HeaderEdit::Set("x-api-key".into(), "sk".into()))
+        );
+    }
+
+    #[test]
+    fn betas_merge_into_one_value_with_the_required_one() {
+        let edits = rewrite_request(
+            &plan(),
+            &h(&[
+                ("anthropic-beta", "files-api-2025-04-14 , skills-2025-10-02"),
+                ("anthropic-beta", "files-api-2025-04-14"),
+            ]),
+            "sk",
+        )
+        .unwrap();
+        assert_eq!(
+            set_value(&edits, "anthropic-beta"),
+            Some("files-api-2025-04-14,skills-2025-10-02,managed-agents-2026-04-01")
+        );
+        let edits = rewrite_request(&plan(), &h(&[]), "sk").unwrap();
+        assert_eq!(
+            set_value(&edits, "anthropic-beta"),
+            Some(MANAGED_AGENTS_BETA)
+        );
+    }
+
+    #[test]
+    fn betas_outside_the_allowlist_are_refused() {
+        let err = rewrite_request(
+            &plan(),
+            &h(&[(
+                "anthropic-beta",
+                "managed-agents-2026-04-01,computer-use-2025-01-24",
+            )]),
+            "sk",
+        )
+        .unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert_eq!(
+            err.message,
+            "anthropic-beta \"computer-use-2025-01-24\" is not allowed by this gateway; allowed: managed-agents-2026-04-01, files-api-2025-04-14, skills-2025-10-02, agent-memory-2026-07-22"
+        );
+        let many: Vec<String> = (0..=MAX_BETAS)
+            .map(|i| format!("files-api-2025-04-14-{i}"))
+            .collect();
+        let err =
+            rewrite_request(&plan(), &h(&[("anthropic-beta", &many.join(","))]), "sk").unwrap_err();
+        assert!(err
+            .message
+            .starts_with("too many anthropic-beta values (33)"));
+    }
+}

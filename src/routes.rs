@@ -1,0 +1,936 @@
+//! Classifies a request's `(method, path)` into a Managed Agents [`Operation`], or refuses it.
+//!
+//! This is the default-deny gate: only paths that spell an endpoint of the Managed Agents API
+//! exactly (lowercase literal segments, ids with the right prefix and alphabet, no dot
+//! segments, no doubled slashes, no percent-encoding, bounded length) are classified; anything
+//! else is `None` and the gateway answers 404 without contacting upstream. Envoy normalises
+//! paths before us (see `envoy.yaml`), and this check does not rely on it: a crafted path can
+//! never be forwarded classified as something it is not.
+//!
+//! The query string is not interpreted here (it is forwarded untouched); only `?` and what
+//! follows it is split off.
+
+/// The resource family an endpoint belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    Agents,
+    AgentVersions,
+    Sessions,
+    SessionEvents,
+    SessionThreads,
+    SessionResources,
+    Environments,
+    EnvironmentWork,
+    Vaults,
+    VaultCredentials,
+    Files,
+    Skills,
+    MemoryStores,
+    Deployments,
+    DeploymentRuns,
+}
+
+impl Family {
+    /// Stable snake_case name, used in config (scopes), logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Agents => "agents",
+            Family::AgentVersions => "agent_versions",
+            Family::Sessions => "sessions",
+            Family::SessionEvents => "session_events",
+            Family::SessionThreads => "session_threads",
+            Family::SessionResources => "session_resources",
+            Family::Environments => "environments",
+            Family::EnvironmentWork => "environment_work",
+            Family::Vaults => "vaults",
+            Family::VaultCredentials => "vault_credentials",
+            Family::Files => "files",
+            Family::Skills => "skills",
+            Family::MemoryStores => "memory_stores",
+            Family::Deployments => "deployments",
+            Family::DeploymentRuns => "deployment_runs",
+        }
+    }
+}
+
+/// What the call does to its family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Create,
+    Read,
+    List,
+    Update,
+    Delete,
+    Archive,
+    /// A server-sent-events stream (never buffered).
+    Stream,
+    /// `POST /v1/sessions/{id}/events`.
+    SendEvents,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Read => "read",
+            Action::List => "list",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::Archive => "archive",
+            Action::Stream => "stream",
+            Action::SendEvents => "send_events",
+        }
+    }
+}
+
+/// The neighbouring APIs that are routed only when the operator enables them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Neighbour {
+    Files,
+    Skills,
+    MemoryStores,
+    Deployments,
+}
+
+impl Neighbour {
+    pub const ALL: [Neighbour; 4] = [
+        Neighbour::Files,
+        Neighbour::Skills,
+        Neighbour::MemoryStores,
+        Neighbour::Deployments,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Neighbour::Files => "files",
+            Neighbour::Skills => "skills",
+            Neighbour::MemoryStores => "memory_stores",
+            Neighbour::Deployments => "deployments",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Neighbour> {
+        Neighbour::ALL.into_iter().find(|n| n.as_str() == name)
+    }
+}
+
+/// The kind of an id found in a path; each known kind has the upstream's id prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdKind {
+    Agent,
+    Session,
+    Thread,
+    SessionResource,
+    Environment,
+    Work,
+    Vault,
+    Credential,
+    File,
+    Skill,
+    SkillVersion,
+    MemoryStore,
+    Memory,
+    Deployment,
+    DeploymentRun,
+}
+
+impl IdKind {
+    /// The prefix every id of this kind starts with, where the API documents one.
+    fn prefix(self) -> Option<&'static str> {
+        match self {
+            IdKind::Agent => Some("agent_"),
+            IdKind::Session => Some("sesn_"),
+            IdKind::Thread => Some("sthr_"),
+            IdKind::Environment => Some("env_"),
+            IdKind::Vault => Some("vlt_"),
+            IdKind::Credential => Some("vcrd_"),
+            IdKind::File => Some("file_"),
+            IdKind::Skill => Some("skill_"),
+            IdKind::MemoryStore => Some("memstore_"),
+            IdKind::Deployment => Some("depl_"),
+            IdKind::DeploymentRun => Some("drun_"),
+            IdKind::SessionResource | IdKind::Work | IdKind::SkillVersion | IdKind::Memory => None,
+        }
+    }
+}
+
+/// A classified call: e.g. `GET /v1/sessions/sesn_1/events/stream` is
+/// `{family: SessionEvents, action: Stream, ids: [(Session, "sesn_1")]}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Operation {
+    pub family: Family,
+    pub action: Action,
+    pub ids: Vec<(IdKind, String)>,
+}
+
+impl Operation {
+    /// The id of the given kind this path names, if any.
+    pub fn id(&self, kind: IdKind) -> Option<&str> {
+        self.ids
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.action == Action::Stream
+    }
+}
+
+/// Limits the classifier applies; from the plugin config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteRules {
+    pub max_path_bytes: usize,
+    pub max_id_bytes: usize,
+    pub neighbours: Vec<Neighbour>,
+}
+
+impl Default for RouteRules {
+    fn default() -> Self {
+        RouteRules {
+            max_path_bytes: 2048,
+            max_id_bytes: 128,
+            neighbours: Vec::new(),
+        }
+    }
+}
+
+/// The HTTP methods the API uses; anything else is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    Get,
+    Post,
+    Delete,
+}
+
+/// Classifies `method` and `path` (which may carry a query string). `None` means: not a
+/// Managed Agents endpoint this gateway routes — answer 404.
+pub fn classify(rules: &RouteRules, method: &str, path: &str) -> Option<Operation> {
+    let method = match method {
+        "GET" => Method::Get,
+        "POST" => Method::Post,
+        "DELETE" => Method::Delete,
+        _ => return None,
+    };
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    if path.len() > rules.max_path_bytes || !path.bytes().all(is_path_byte) {
+        return None;
+    }
+    let rest = path.strip_prefix("/v1/")?;
+    // split('/') keeps empty segments, so "//", a trailing "/" and "/v1/" alone all fail below.
+    let segments: Vec<&str> = rest.split('/').collect();
+    if segments.len() > 6 || segments.iter().any(|s| s.is_empty()) {
+        return None;
+    }
+    Classifier { rules }.classify(method, &segments)
+}
+
+/// Bytes allowed in a path we forward: unreserved characters and `/`. Rejecting `%` means an
+/// encoded slash, dot or NUL can never hide inside a segment; `.`-only segments fail the id
+/// alphabet too.
+fn is_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'.')
+}
+
+struct Classifier<'r> {
+    rules: &'r RouteRules,
+}
+
+/// Shorthand for building operations inside the big match below.
+fn op(family: Family, action: Action, ids: Vec<(IdKind, String)>) -> Option<Operation> {
+    Some(Operation {
+        family,
+        action,
+        ids,
+    })
+}
+
+impl Classifier<'_> {
+    /// Validates one id segment: right prefix (when the kind has one), then only
+    /// `[A-Za-z0-9_-]` (no dots: "." and ".." are never ids), bounded length.
+    fn id(&self, kind: IdKind, segment: &str) -> Option<(IdKind, String)> {
+        if segment.len() > self.rules.max_id_bytes {
+            return None;
+        }
+        let body = match kind.prefix() {
+            Some(prefix) => segment.strip_prefix(prefix)?,
+            None => segment,
+        };
+        let well_formed = !body.is_empty()
+            && body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        well_formed.then(|| (kind, segment.to_string()))
+    }
+
+    fn neighbour(&self, n: Neighbour) -> Option<()> {
+        self.rules.neighbours.contains(&n).then_some(())
+    }
+
+    fn classify(&self, m: Method, segs: &[&str]) -> Option<Operation> {
+        use Action::*;
+        use Family::*;
+        use Method::{Delete as DEL, Get as GET, Post as POST};
+        match segs {
+            ["agents", rest @ ..] => self.agents(m, rest),
+            ["sessions", rest @ ..] => self.sessions(m, rest),
+            ["environments", rest @ ..] => self.environments(m, rest),
+            ["vaults", rest @ ..] => self.vaults(m, rest),
+            ["files", rest @ ..] => {
+                self.neighbour(Neighbour::Files)?;
+                match (m, rest) {
+                    (POST, []) => op(Files, Create, vec![]),
+                    (GET, []) => op(Files, List, vec![]),
+                    (GET, [f]) | (GET, [f, "content"]) => {
+                        op(Files, Read, vec![self.id(IdKind::File, f)?])
+                    }
+                    (DEL, [f]) => op(Files, Delete, vec![self.id(IdKind::File, f)?]),
+                    _ => None,
+                }
+            }
+            ["skills", rest @ ..] => {
+                self.neighbour(Neighbour::Skills)?;
+                match (m, rest) {
+                    (POST, []) => op(Skills, Create, vec![]),
+                    (GET, []) => op(Skills, List, vec![]),
+                    (GET, [s]) => op(Skills, Read, vec![self.id(IdKind::Skill, s)?]),
+                    (DEL, [s]) => op(Skills, Delete, vec![self.id(IdKind::Skill, s)?]),
+                    (POST, [s, "versions"]) => op(Skills, Update, vec![self.id(IdKind::Skill, s)?]),
+                    (GET, [s, "versions"]) => op(Skills, List, vec![self.id(IdKind::Skill, s)?]),
+                    (GET, [s, "versions", v]) | (DEL, [s, "versions", v]) => {
+                        let action = if m == GET { Read } else { Delete };
+                        let ids = vec![
+                            self.id(IdKind::Skill, s)?,
+                            self.id(IdKind::SkillVersion, v)?,
+                        ];
+                        op(Skills, action, ids)
+                    }
+                    _ => None,
+                }
+            }
+            ["memory_stores", rest @ ..] => {
+                self.neighbour(Neighbour::MemoryStores)?;
+                let store = |s: &str| self.id(IdKind::MemoryStore, s);
+                match (m, rest) {
+                    (POST, []) => op(MemoryStores, Create, vec![]),
+                    (GET, []) => op(MemoryStores, List, vec![]),
+                    (GET, [s]) => op(MemoryStores, Read, vec![store(s)?]),
+                    (POST, [s]) => op(MemoryStores, Update, vec![store(s)?]),
+                    (DEL, [s]) => op(MemoryStores, Delete, vec![store(s)?]),
+                    (POST, [s, "archive"]) => op(MemoryStores, Archive, vec![store(s)?]),
+                    (POST, [s, "memories"]) => op(MemoryStores, Update, vec![store(s)?]),
+                    (GET, [s, "memories"]) => op(MemoryStores, List, vec![store(s)?]),
+                    (_, [s, "memories", mem]) => {
+                        let action = match m {
+                            GET => Read,
+                            POST => Update,
+                            DEL => Delete,
+                        };
+                        op(
+                            MemoryStores,
+                            action,
+                            vec![store(s)?, self.id(IdKind::Memory, mem)?],
+                        )
+                    }
+                    _ => None,
+                }
+            }
+            ["deployments", rest @ ..] => {
+                self.neighbour(Neighbour::Deployments)?;
+                let depl = |s: &str| self.id(IdKind::Deployment, s);
+                match (m, rest) {
+                    (POST, []) => op(Deployments, Create, vec![]),
+                    (GET, []) => op(Deployments, List, vec![]),
+                    (GET, [d]) => op(Deployments, Read, vec![depl(d)?]),
+                    (POST, [d]) => op(Deployments, Update, vec![depl(d)?]),
+                    (DEL, [d]) => op(Deployments, Delete, vec![depl(d)?]),
+                    (POST, [d, "archive"]) => op(Deployments, Archive, vec![depl(d)?]),
+                    _ => None,
+                }
+            }
+            ["deployment_runs", rest @ ..] => {
+                self.neighbour(Neighbour::Deployments)?;
+                match (m, rest) {
+                    (POST, []) => op(DeploymentRuns, Create, vec![]),
+                    (GET, []) => op(DeploymentRuns, List, vec![]),
+                    (GET, [r]) => op(
+                        DeploymentRuns,
+                        Read,
+                        vec![self.id(IdKind::DeploymentRun, r)?],
+                    ),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn agents(&self, m: Method, rest: &[&str]) -> Option<Operation> {
+        use Action::*;
+        use Family::*;
+        use Method::{Get as GET, Post as POST};
+        let agent = |s: &str| self.id(IdKind::Agent, s);
+        match (m, rest) {
+            (POST, []) => op(Agents, Create, vec![]),
+            (GET, []) => op(Agents, List, vec![]),
+            (GET, [a]) => op(Agents, Read, vec![agent(a)?]),
+            (POST, [a]) => op(Agents, Update, vec![agent(a)?]),
+            (POST, [a, "archive"]) => op(Agents, Archive, vec![agent(a)?]),
+            (GET, [a, "versions"]) => op(AgentVersions, List, vec![agent(a)?]),
+            _ => None,
+        }
+    }
+
+    fn sessions(&self, m: Method, rest: &[&str]) -> Option<Operation> {
+        use Action::*;
+        use Family::*;
+        use Method::{Delete as DEL, Get as GET, Post as POST};
+        let (s, tail) = match rest {
+            [] => {
+                return match m {
+                    POST => op(Sessions, Create, vec![]),
+                    GET => op(Sessions, List, vec![]),
+                    DEL => None,
+                }
+            }
+            [s, tail @ ..] => (self.id(IdKind::Session, s)?, tail),
+        };
+        let with = |extra: Vec<(IdKind, String)>| {
+            let mut ids = vec![s.clone()];
+            ids.extend(extra);
+            ids
+        };
+        let thread = |t: &str| self.id(IdKind::Thread, t);
+        let resource = |r: &str| self.id(IdKind::SessionResource, r);
+        match (m, tail) {
+            (GET, []) => op(Sessions, Read, with(vec![])),
+            (POST, []) => op(Sessions, Update, with(vec![])),
+            (DEL, []) => op(Sessions, Delete, with(vec![])),
+            (POST, ["archive"]) => op(Sessions, Archive, with(vec![])),
+            (POST, ["events"]) => op(SessionEvents, SendEvents, with(vec![])),
+            (GET, ["events"]) => op(SessionEvents, List, with(vec![])),
+            // Both spellings of the one SSE stream: the SDKs use the first, the docs' curl the second.
+            (GET, ["events", "stream"]) | (GET, ["stream"]) => {
+                op(SessionEvents, Stream, with(vec![]))
+            }
+            (GET, ["threads"]) => op(SessionThreads, List, with(vec![])),
+            (GET, ["threads", t]) => op(SessionThreads, Read, with(vec![thread(t)?])),
+            (POST, ["threads", t, "archive"]) => {
+                op(SessionThreads, Archive, with(vec![thread(t)?]))
+            }
+            (GET, ["threads", t, "events"]) => op(SessionThreads, List, with(vec![thread(t)?])),
+            (GET, ["threads", t, "stream"]) => op(SessionThreads, Stream, with(vec![thread(t)?])),
+            (GET, ["resources"]) => op(SessionResources, List, with(vec![])),
+            (POST, ["resources"]) => op(SessionResources, Create, with(vec![])),
+            (GET, ["resources", r]) => op(SessionResources, Read, with(vec![resource(r)?])),
+            (POST, ["resources", r]) => op(SessionResources, Update, with(vec![resource(r)?])),
+            (DEL, ["resources", r]) => op(SessionResources, Delete, with(vec![resource(r)?])),
+            _ => None,
+        }
+    }
+
+    fn environments(&self, m: Method, rest: &[&str]) -> Option<Operation> {
+        use Action::*;
+        use Family::*;
+        use Method::{Delete as DEL, Get as GET, Post as POST};
+        let (e, tail) = match rest {
+            [] => {
+                return match m {
+                    POST => op(Environments, Create, vec![]),
+                    GET => op(Environments, List, vec![]),
+                    DEL => None,
+                }
+            }
+            [e, tail @ ..] => (self.id(IdKind::Environment, e)?, tail),
+        };
+        match (m, tail) {
+            (GET, []) => op(Environments, Read, vec![e]),
+            (POST, []) => op(Environments, Update, vec![e]),
+            (DEL, []) => op(Environments, Delete, vec![e]),
+            (POST, ["archive"]) => op(Environments, Archive, vec![e]),
+            // The self-hosted work queue: workers poll `work`, then act on one item
+            // (`work/{id}` or a verb under it such as `work/{id}/ack`).
+            (GET, ["work"]) => op(EnvironmentWork, List, vec![e]),
+            (POST, ["work"]) => op(EnvironmentWork, Create, vec![e]),
+            (_, ["work", w, verb @ ..]) if verb.len() <= 1 => {
+                if let [v] = verb {
+                    if !is_verb(v) {
+                        return None;
+                    }
+                }
+                let action = match (m, verb) {
+                    (GET, []) => Read,
+                    (DEL, []) => Delete,
+                    (POST, _) => Update,
+                    _ => return None,
+                };
+                op(EnvironmentWork, action, vec![e, self.id(IdKind::Work, w)?])
+            }
+            _ => None,
+        }
+    }
+
+    fn vaults(&self, m: Method, rest: &[&str]) -> Option<Operation> {
+        use Action::*;
+        use Family::*;
+        use Method::{Delete as DEL, Get as GET, Post as POST};
+        let (v, tail) = match rest {
+            [] => {
+                return match m {
+                    POST => op(Vaults, Create, vec![]),
+                    GET => op(Vaults, List, vec![]),
+                    DEL => None,
+                }
+            }
+            [v, tail @ ..] => (self.id(IdKind::Vault, v)?, tail),
+        };
+        let cred = |c: &str| self.id(IdKind::Credential, c);
+        match (m, tail) {
+            (GET, []) => op(Vaults, Read, vec![v]),
+            (POST, []) => op(Vaults, Update, vec![v]),
+            (DEL, []) => op(Vaults, Delete, vec![v]),
+            (POST, ["archive"]) => op(Vaults, Archive, vec![v]),
+            (POST, ["credentials"]) => op(VaultCredentials, Create, vec![v]),
+            (GET, ["credentials"]) => op(VaultCredentials, List, vec![v]),
+            (GET, ["credentials", c]) => op(VaultCredentials, Read, vec![v, cred(c)?]),
+            (POST, ["credentials", c]) => op(VaultCredentials, Update, vec![v, cred(c)?]),
+            (DEL, ["credentials", c]) => op(VaultCredentials, Delete, vec![v, cred(c)?]),
+            (POST, ["credentials", c, "archive"]) => {
+                op(VaultCredentials, Archive, vec![v, cred(c)?])
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A lowercase action word such as `ack` or `heartbeat` under a work item.
+fn is_verb(segment: &str) -> bool {
+    (1..=32).contains(&segment.len())
+        && segment.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Action::*;
+    use Family::*;
+
+    fn all_neighbours() -> RouteRules {
+        RouteRules {
+            neighbours: Neighbour::ALL.to_vec(),
+            ..RouteRules::default()
+        }
+    }
+
+    fn check(method: &str, path: &str) -> Option<(Family, Action, Vec<&'static str>)> {
+        classify(&all_neighbours(), method, path).map(|op| {
+            let ids = op
+                .ids
+                .iter()
+                .map(|(_, v)| &*Box::leak(v.clone().into_boxed_str()))
+                .collect();
+            (op.family, op.action, ids)
+        })
+    }
+
+    #[test]
+    fn every_documented_endpoint_is_classified() {
+        let table: &[(&str, &str, Family, Action, &[&str])] = &[
+            ("POST", "/v1/agents", Agents, Create, &[]),
+            (
+                "GET",
+                "/v1/agents?limit=100&page=abc&include_archived=true",
+                Agents,
+                List,
+                &[],
+            ),
+            (
+                "GET",
+                "/v1/agents/agent_01?version=2",
+                Agents,
+                Read,
+                &["agent_01"],
+            ),
+            ("POST", "/v1/agents/agent_01", Agents, Update, &["agent_01"]),
+            (
+                "POST",
+                "/v1/agents/agent_01/archive",
+                Agents,
+                Archive,
+                &["agent_01"],
+            ),
+            (
+                "GET",
+                "/v1/agents/agent_01/versions",
+                AgentVersions,
+                List,
+                &["agent_01"],
+            ),
+            ("POST", "/v1/sessions?beta=true", Sessions, Create, &[]),
+            (
+                "GET",
+                "/v1/sessions?statuses[]=idle&order=desc",
+                Sessions,
+                List,
+                &[],
+            ),
+            ("GET", "/v1/sessions/sesn_1", Sessions, Read, &["sesn_1"]),
+            ("POST", "/v1/sessions/sesn_1", Sessions, Update, &["sesn_1"]),
+            (
+                "DELETE",
+                "/v1/sessions/sesn_1",
+                Sessions,
+                Delete,
+                &["sesn_1"],
+            ),
+            (
+                "POST",
+                "/v1/sessions/sesn_1/archive",
+                Sessions,
+                Archive,
+                &["sesn_1"],
+            ),
+            (
+                "POST",
+                "/v1/sessions/sesn_1/events",
+                SessionEvents,
+                SendEvents,
+                &["sesn_1"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/events?types[]=agent.message",
+                SessionEvents,
+                List,
+                &["sesn_1"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/events/stream",
+                SessionEvents,
+                Stream,
+                &["sesn_1"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/stream",
+                SessionEvents,
+                Stream,
+                &["sesn_1"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/threads",
+                SessionThreads,
+                List,
+                &["sesn_1"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/threads/sthr_2",
+                SessionThreads,
+                Read,
+                &["sesn_1", "sthr_2"],
+            ),
+            (
+                "POST",
+                "/v1/sessions/sesn_1/threads/sthr_2/archive",
+                SessionThreads,
+                Archive,
+                &["sesn_1", "sthr_2"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/threads/sthr_2/events",
+                SessionThreads,
+                List,
+                &["sesn_1", "sthr_2"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/threads/sthr_2/stream",
+                SessionThreads,
+                Stream,
+                &["sesn_1", "sthr_2"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/resources",
+                SessionResources,
+                List,
+                &["sesn_1"],
+            ),
+            (
+                "POST",
+                "/v1/sessions/sesn_1/resources",
+                SessionResources,
+                Create,
+                &["sesn_1"],
+            ),
+            (
+                "GET",
+                "/v1/sessions/sesn_1/resources/sres_9",
+                SessionResources,
+                Read,
+                &["sesn_1", "sres_9"],
+            ),
+            (
+                "POST",
+                "/v1/sessions/sesn_1/resources/sres_9",
+                SessionResources,
+                Update,
+                &["sesn_1", "sres_9"],
+            ),
+            (
+                "DELETE",
+                "/v1/sessions/sesn_1/resources/sres_9",
+                SessionResources,
+                Delete,
+                &["sesn_1", "sres_9"],
+            ),
+            ("POST", "/v1/environments", Environments, Create, &[]),
+            ("GET", "/v1/environments", Environments, List, &[]),
+            (
+                "GET",
+                "/v1/environments/env_1",
+                Environments,
+                Read,
+                &["env_1"],
+            ),
+            (
+                "POST",
+                "/v1/environments/env_1",
+                Environments,
+                Update,
+                &["env_1"],
+            ),
+            (
+                "DELETE",
+                "/v1/environments/env_1",
+                Environments,
+                Delete,
+                &["env_1"],
+            ),
+            (
+                "POST",
+                "/v1/environments/env_1/archive",
+                Environments,
+                Archive,
+                &["env_1"],
+            ),
+            (
+                "GET",
+                "/v1/environments/env_1/work",
+                EnvironmentWork,
+                List,
+                &["env_1"],
+            ),
+            (
+                "GET",
+                "/v1/environments/env_1/work/wrk_7",
+                EnvironmentWork,
+                Read,
+                &["env_1", "wrk_7"],
+            ),
+            (
+                "POST",
+                "/v1/environments/env_1/work/wrk_7/ack",
+                EnvironmentWork,
+                Update,
+                &["env_1", "wrk_7"],
+            ),
+            ("POST", "/v1/vaults", Vaults, Create, &[]),
+            ("GET", "/v1/vaults", Vaults, List, &[]),
+            ("GET", "/v1/vaults/vlt_1", Vaults, Read, &["vlt_1"]),
+            ("POST", "/v1/vaults/vlt_1", Vaults, Update, &["vlt_1"]),
+            ("DELETE", "/v1/vaults/vlt_1", Vaults, Delete, &["vlt_1"]),
+            (
+                "POST",
+                "/v1/vaults/vlt_1/archive",
+                Vaults,
+                Archive,
+                &["vlt_1"],
+            ),
+            (
+                "POST",
+                "/v1/vaults/vlt_1/credentials",
+                VaultCredentials,
+                Create,
+                &["vlt_1"],
+            ),
+            (
+                "GET",
+                "/v1/vaults/vlt_1/credentials",
+                VaultCredentials,
+                List,
+                &["vlt_1"],
+            ),
+            (
+                "GET",
+                "/v1/vaults/vlt_1/credentials/vcrd_2",
+                VaultCredentials,
+                Read,
+                &["vlt_1", "vcrd_2"],
+            ),
+            (
+                "POST",
+                "/v1/vaults/vlt_1/credentials/vcrd_2",
+                VaultCredentials,
+                Update,
+                &["vlt_1", "vcrd_2"],
+            ),
+            (
+                "DELETE",
+                "/v1/vaults/vlt_1/credentials/vcrd_2",
+                VaultCredentials,
+                Delete,
+                &["vlt_1", "vcrd_2"],
+            ),
+            (
+                "POST",
+                "/v1/vaults/vlt_1/credentials/vcrd_2/archive",
+                VaultCredentials,
+                Archive,
+                &["vlt_1", "vcrd_2"],
+            ),
+            ("GET", "/v1/files?scope_id=sesn_1", Files, List, &[]),
+            ("GET", "/v1/files/file_1/content", Files, Read, &["file_1"]),
+            ("DELETE", "/v1/files/file_1", Files, Delete, &["file_1"]),
+            (
+                "GET",
+                "/v1/skills/skill_1/versions/1759178010641129",
+                Skills,
+                Read,
+                &["skill_1", "1759178010641129"],
+            ),
+            (
+                "POST",
+                "/v1/memory_stores/memstore_1/archive",
+                MemoryStores,
+                Archive,
+                &["memstore_1"],
+            ),
+            (
+                "GET",
+                "/v1/deployments/depl_1",
+                Deployments,
+                Read,
+                &["depl_1"],
+            ),
+            (
+                "GET",
+                "/v1/deployment_runs/drun_1",
+                DeploymentRuns,
+                Read,
+                &["drun_1"],
+            ),
+        ];
+        for (method, path, family, action, ids) in table {
+            assert_eq!(
+                check(method, path),
+                Some((*family, *action, ids.to_vec())),
+                "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn crafted_and_unknown_paths_are_refused() {
+        let refused = [
+            ("GET", "/"),
+            ("GET", "/v1"),
+            ("GET", "/v1/"),
+            ("GET", "/v1/messages"),
+            ("POST", "/v1/complete"),
+            ("GET", "/_emulator/usage/sesn_1"),
+            ("GET", "/v1/sessions/"),
+            ("GET", "//v1/sessions"),
+            ("GET", "/v1//sessions"),
+            ("GET", "/v1/sessions//sesn_1"),
+            ("GET", "/V1/sessions"),
+            ("GET", "/v1/Sessions"),
+            ("GET", "/v1/SESSIONS/sesn_1"),
+            ("GET", "/v1/sessions/sesn_1/"),
+            ("GET", "/v1/sessions/../agents"),
+            ("GET", "/v1/sessions/./sesn_1"),
+            ("GET", "/v1/sessions/sesn_1/../../messages"),
+            ("GET", "/v1/sessions/sesn_1%2Fevents"),
+            ("GET", "/v1/sessions/sesn_1%2fevents/stream"),
+            ("GET", "/v1/sessions/%73esn_1"),
+            ("GET", "/v1/sessions/sesn_1;x=y"),
+            ("GET", "/v1/sessions/sesn_1\\events"),
+            ("GET", "/v1/sessions/sesn_1#frag"),
+            ("GET", "/v1/sessions/agent_1"),
+            ("GET", "/v1/sessions/sesn_"),
+            ("GET", "/v1/sessions/sesn_a.b"),
+            ("GET", "/v1/agents/agent_1/delete"),
+            ("DELETE", "/v1/agents/agent_1"),
+            ("PUT", "/v1/agents"),
+            ("PATCH", "/v1/agents/agent_1"),
+            ("HEAD", "/v1/agents"),
+            ("OPTIONS", "/v1/agents"),
+            ("get", "/v1/agents"),
+            ("DELETE", "/v1/sessions"),
+            ("GET", "/v1/environments/env_1/work/w1/ACK"),
+            ("GET", "/v1/environments/env_1/work/w1/a/b"),
+        ];
+        for (method, path) in refused {
+            assert_eq!(check(method, path), None, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn oversized_ids_and_paths_are_refused() {
+        let rules = RouteRules::default();
+        let long_id = format!("sesn_{}", "a".repeat(rules.max_id_bytes));
+        assert_eq!(
+            classify(&rules, "GET", &format!("/v1/sessions/{long_id}")),
+            None
+        );
+        let ok_id = format!("sesn_{}", "a".repeat(rules.max_id_bytes - 5));
+        assert!(classify(&rules, "GET", &format!("/v1/sessions/{ok_id}")).is_some());
+        let long_path = format!("/v1/agents?{}", "q".repeat(10_000));
+        // The query string does not count against the path limit: it is forwarded untouched.
+        assert!(classify(&rules, "GET", &long_path).is_some());
+        let rules = RouteRules {
+            max_path_bytes: 20,
+            ..RouteRules::default()
+        };
+        assert_eq!(classify(&rules, "GET", "/v1/agents/agent_0123456789"), None);
+    }
+
+    #[test]
+    fn neighbours_are_routed_only_when_enabled() {
+        let none = RouteRules::default();
+        for path in [
+            "/v1/files",
+            "/v1/skills",
+            "/v1/memory_stores",
+            "/v1/deployments",
+            "/v1/deployment_runs",
+        ] {
+            assert_eq!(classify(&none, "GET", path), None, "{path}");
+            assert!(classify(&all_neighbours(), "GET", path).is_some(), "{path}");
+        }
+        let files_only = RouteRules {
+            neighbours: vec![Neighbour::Files],
+            ..RouteRules::default()
+        };
+        assert!(classify(&files_only, "GET", "/v1/files").is_some());
+        assert_eq!(classify(&files_only, "GET", "/v1/skills"), None);
+    }
+
+    #[test]
+    fn id_lookup_by_kind() {
+        let op = classify(
+            &RouteRules::default(),
+            "GET",
+            "/v1/vaults/vlt_1/credentials/vcrd_2",
+        )
+        .unwrap();
+        assert_eq!(op.id(IdKind::Vault), Some("vlt_1"));
+        assert_eq!(op.id(IdKind::Credential), Some("vcrd_2"));
+        assert_eq!(op.id(IdKind::Session), None);
+        assert!(!op.is_stream());
+    }
+}
