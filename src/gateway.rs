@@ -24,11 +24,16 @@ pub struct RequestHead<'a> {
 impl<'a> RequestHead<'a> {
     /// The first value of a header, by lowercase name.
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        header_value(self.headers, name)
     }
+}
+
+/// The first value of header `name` (lowercase) in a header list.
+pub fn header_value<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// A call the gateway lets through.

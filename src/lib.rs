@@ -16,14 +16,19 @@
 //! | [`errors`] | the Anthropic error envelope |
 //! | [`sha256`] | the digest used for key hashes |
 
+pub mod accounting;
 pub mod config;
 pub mod credentials;
 pub mod errors;
 pub mod gateway;
 pub mod headers;
 pub mod identity;
+pub mod pricing;
 pub mod routes;
 pub mod sha256;
+pub mod sse;
+pub mod store;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 pub mod host;

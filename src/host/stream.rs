@@ -11,7 +11,7 @@ use proxy_wasm::types::{Action, MapType, Status};
 use super::credentials;
 use crate::config::Plan;
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
-use crate::gateway::{self, Admitted, RequestHead};
+use crate::gateway::{self, header_value as header, Admitted, RequestHead};
 use crate::headers::HeaderEdit;
 
 pub struct GatewayStream {
@@ -31,11 +31,7 @@ impl GatewayStream {
 
     /// Answers the client with the Anthropic error envelope; upstream is never contacted.
     fn refuse(&self, error: &ApiError, headers: &[(String, String)]) -> Action {
-        let envoy_id = headers
-            .iter()
-            .find(|(n, _)| n == "x-request-id")
-            .map(|(_, v)| v.as_str());
-        let request_id = gateway_request_id(envoy_id);
+        let request_id = gateway_request_id(header(headers, "x-request-id"));
         let body = error.envelope(&request_id);
         // Only rate limits are worth an automatic SDK retry; everything else needs a human.
         let retry = if error.kind == ErrorKind::RateLimit {
@@ -136,11 +132,4 @@ impl HttpContext for GatewayStream {
             }
         }
     }
-}
-
-fn header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
-    headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
 }
