@@ -10,8 +10,11 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
+use crate::accounting::Limits;
+use crate::pricing::PriceTable;
 use crate::routes::{Neighbour, RouteRules};
 use crate::sha256;
+use crate::sse::ScannerConfig;
 
 /// The only config version this build understands.
 pub const API_VERSION: &str = "v1";
@@ -45,6 +48,29 @@ pub struct Plan {
     pub betas: Betas,
     pub routes: RouteRules,
     pub gateway_keys: Vec<GatewayKey>,
+    pub metering: Metering,
+}
+
+/// How usage is metered and priced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metering {
+    /// Cap on one usage event's data in a stream (bigger ones are counted as oversize).
+    pub scanner: ScannerConfig,
+    /// Bounds of the per-session accounting state in shared data.
+    pub limits: Limits,
+    pub prices: PriceTable,
+}
+
+impl Default for Metering {
+    fn default() -> Self {
+        Metering {
+            scanner: ScannerConfig {
+                max_event_bytes: 256 * 1024,
+            },
+            limits: Limits::default(),
+            prices: PriceTable::defaults(),
+        }
+    }
 }
 
 /// Where calls go and how they are credentialed.
@@ -100,12 +126,14 @@ impl Plan {
         let betas = parse_betas(root.opt_obj("betas")?)?;
         let routes = parse_routes(root.opt_obj("routes")?)?;
         let gateway_keys = parse_gateway_keys(&mut root)?;
+        let metering = parse_metering(root.opt_obj("metering")?)?;
         root.finish()?;
         Ok(Plan {
             upstream,
             betas,
             routes,
             gateway_keys,
+            metering,
         })
     }
 }
@@ -214,6 +242,40 @@ fn parse_routes(obj: Option<Obj>) -> Result<RouteRules, ConfigError> {
     }
     obj.finish()?;
     Ok(rules)
+}
+
+fn parse_metering(obj: Option<Obj>) -> Result<Metering, ConfigError> {
+    let mut metering = Metering::default();
+    let Some(mut obj) = obj else {
+        return Ok(metering);
+    };
+    if let Some(n) = obj.opt_uint("max_event_bytes", 1024, 64 * 1024 * 1024)? {
+        metering.scanner.max_event_bytes = n;
+    }
+    if let Some(n) = obj.opt_uint("session_idle_ttl_secs", 60, 30 * 24 * 3600)? {
+        metering.limits.idle_ttl_secs = n as u64;
+    }
+    if let Some(n) = obj.opt_uint("max_tracked_sessions", 16, 1_000_000)? {
+        metering.limits.index_capacity = n;
+    }
+    if let Some(value) = obj.take("pricing") {
+        let path = obj.child_path("pricing");
+        metering.prices = PriceTable::from_json_value(&value, &path).map_err(|message| {
+            // The price table reports `path: message`; keep the two apart like every other error.
+            match message.split_once(": ") {
+                Some((at, rest)) if at.starts_with(&path) => ConfigError {
+                    path: at.to_string(),
+                    message: rest.to_string(),
+                },
+                _ => ConfigError {
+                    path: path.clone(),
+                    message,
+                },
+            }
+        })?;
+    }
+    obj.finish()?;
+    Ok(metering)
 }
 
 fn parse_gateway_keys(root: &mut Obj) -> Result<Vec<GatewayKey>, ConfigError> {

@@ -23,6 +23,8 @@ pub mod errors;
 pub mod gateway;
 pub mod headers;
 pub mod identity;
+pub mod metering;
+pub mod metrics;
 pub mod pricing;
 pub mod routes;
 pub mod sha256;

@@ -426,10 +426,8 @@ fn optional_seconds(value: Option<&Value>, path: &str) -> Result<Option<u64>, Us
         return Ok(Some(seconds));
     }
     match value.as_f64() {
-        // 2^64 is the first float that does not fit; the cast below is exact after floor.
-        Some(f) if f.is_finite() && f >= 0.0 && f < 18_446_744_073_709_551_616.0 => {
-            Ok(Some(f.floor() as u64))
-        }
+        // Below 2^64 (and not NaN or infinite) the floored value fits; the cast is then exact.
+        Some(f) if (0.0..18_446_744_073_709_551_616.0).contains(&f) => Ok(Some(f.floor() as u64)),
         _ => Err(invalid(path, "a non-negative number of seconds", value)),
     }
 }

@@ -21,7 +21,11 @@ fn every_example_plugin_config_compiles() {
         }
         parsed += 1;
     }
-    assert!(parsed >= 2, "expected the example configs in {}, parsed {parsed}", dir.display());
+    assert!(
+        parsed >= 2,
+        "expected the example configs in {}, parsed {parsed}",
+        dir.display()
+    );
 }
 
 #[test]
@@ -29,6 +33,10 @@ fn full_example_enables_every_neighbour_and_two_tenants() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plugin-config.json");
     let plan = Plan::from_json(&fs::read(path).unwrap()).unwrap();
     assert_eq!(plan.routes.neighbours.len(), 4);
-    let tenants: Vec<&str> = plan.gateway_keys.iter().map(|k| k.tenant.as_str()).collect();
+    let tenants: Vec<&str> = plan
+        .gateway_keys
+        .iter()
+        .map(|k| k.tenant.as_str())
+        .collect();
     assert_eq!(tenants, ["platform", "research"]);
 }

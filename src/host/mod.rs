@@ -5,7 +5,9 @@
 //! (the SDK's trait helpers `unwrap` them), and a panic hook logs at Critical in case.
 
 mod credentials;
+mod metrics;
 mod root;
+mod store;
 mod stream;
 
 use proxy_wasm::types::LogLevel;

@@ -2,6 +2,7 @@
 //! [`Plan`], seeds the upstream credential into shared data, and hands the plan to every
 //! stream. A config error is logged with its field path and rejects the config (returns false).
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -9,12 +10,15 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType};
 
 use super::credentials;
+use super::metrics::Metrics;
 use super::stream::GatewayStream;
 use crate::config::Plan;
 
 pub struct GatewayRoot {
     context_id: u32,
     plan: Option<Rc<Plan>>,
+    /// One metric registry per VM, shared by its streams.
+    metrics: Rc<RefCell<Metrics>>,
 }
 
 impl GatewayRoot {
@@ -22,6 +26,7 @@ impl GatewayRoot {
         GatewayRoot {
             context_id,
             plan: None,
+            metrics: Rc::new(RefCell::new(Metrics::default())),
         }
     }
 }
@@ -73,7 +78,11 @@ impl RootContext for GatewayRoot {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None would panic inside the SDK; a stream without a plan answers 500 instead.
-        Some(Box::new(GatewayStream::new(context_id, self.plan.clone())))
+        Some(Box::new(GatewayStream::new(
+            context_id,
+            self.plan.clone(),
+            Rc::clone(&self.metrics),
+        )))
     }
 
     fn get_type(&self) -> Option<ContextType> {

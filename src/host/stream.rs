@@ -1,36 +1,62 @@
-//! The per-request `HttpContext`: reads the request head, asks [`gateway::admit`], then either
-//! applies the header edits and lets the call through, or answers with the error envelope.
-//! Body callbacks are not overridden: bodies (SSE included) stream through untouched.
+//! The per-request `HttpContext`: the glue that reads the host, asks the core, applies answers.
+//!
+//! Request headers → [`gateway::admit`] → forward with header edits, or answer with the error
+//! envelope. Response headers → a [`ResponseMeter`] decides what of the body to look at.
+//! Response body chunks → the meter (SSE scanned incrementally; the callback always returns
+//! `Continue`, so nothing is ever held back) → metrics and the request's usage in filter state.
+//! Log → request counters and durations.
 
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, MapType, Status};
+use proxy_wasm::types::{Action, BufferType, MapType, Status};
 
 use super::credentials;
+use super::metrics::Metrics;
+use super::store::SharedData;
 use crate::config::Plan;
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
 use crate::gateway::{self, header_value as header, Admitted, RequestHead};
 use crate::headers::HeaderEdit;
+use crate::metering::{Emission, MeterContext, ResponseMeter};
+use crate::metrics;
+
+/// Filter-state key (single path token) under which each request's usage JSON is stored; an
+/// access log prints it with `%FILTER_STATE(wasm.ma_gateway_usage:PLAIN)%`.
+const USAGE_PROPERTY: &str = "ma_gateway_usage";
 
 pub struct GatewayStream {
     context_id: u32,
     plan: Option<Rc<Plan>>,
+    metrics: Rc<RefCell<Metrics>>,
     admitted: Option<Admitted>,
+    started_ms: u64,
+    status: u32,
+    meter: Option<ResponseMeter>,
+    stream_open: bool,
+    first_event_recorded: bool,
 }
 
 impl GatewayStream {
-    pub fn new(context_id: u32, plan: Option<Rc<Plan>>) -> Self {
+    pub fn new(context_id: u32, plan: Option<Rc<Plan>>, metrics: Rc<RefCell<Metrics>>) -> Self {
         GatewayStream {
             context_id,
             plan,
+            metrics,
             admitted: None,
+            started_ms: now_ms(),
+            status: 0,
+            meter: None,
+            stream_open: false,
+            first_event_recorded: false,
         }
     }
 
     /// Answers the client with the Anthropic error envelope; upstream is never contacted.
-    fn refuse(&self, error: &ApiError, headers: &[(String, String)]) -> Action {
+    fn refuse(&mut self, error: &ApiError, headers: &[(String, String)]) -> Action {
         let request_id = gateway_request_id(header(headers, "x-request-id"));
         let body = error.envelope(&request_id);
         // Only rate limits are worth an automatic SDK retry; everything else needs a human.
@@ -44,6 +70,10 @@ impl GatewayStream {
             ("request-id", request_id.as_str()),
             ("x-should-retry", retry),
         ];
+        self.status = error.status();
+        self.metrics
+            .borrow_mut()
+            .add(&metrics::REFUSALS, &[error.kind.wire_name()], 1);
         if let Err(status) = hostcalls::send_http_response(error.status(), reply, Some(&body)) {
             log::error!(
                 "#{} cannot send the {} reply: {status:?}",
@@ -66,6 +96,22 @@ impl GatewayStream {
             }
         }
         Ok(())
+    }
+
+    fn emit(&self, emissions: Vec<Emission>) {
+        let mut metrics = self.metrics.borrow_mut();
+        for emission in emissions {
+            match emission {
+                Emission::Add(metric, labels, delta) => {
+                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                    metrics.add(metric, &labels, delta);
+                }
+                Emission::Record(metric, labels, value) => {
+                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                    metrics.record(metric, &labels, value);
+                }
+            }
+        }
     }
 }
 
@@ -110,7 +156,7 @@ impl HttpContext for GatewayStream {
                         &headers,
                     );
                 }
-                log::info!(
+                log::debug!(
                     "#{} {}/{} {}.{} forwarded",
                     self.context_id,
                     admitted.principal.tenant,
@@ -132,4 +178,104 @@ impl HttpContext for GatewayStream {
             }
         }
     }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let (Some(admitted), Some(plan)) = (&self.admitted, &self.plan) else {
+            // Our own refusal passing back through the chain: nothing to meter.
+            return Action::Continue;
+        };
+        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(0);
+        self.status = status;
+        let meter = ResponseMeter::new(
+            &admitted.operation,
+            status,
+            &admitted.principal.tenant,
+            plan.metering.scanner,
+        );
+        if meter.is_stream() {
+            self.stream_open = true;
+            self.metrics
+                .borrow_mut()
+                .add(&metrics::ACTIVE_STREAMS, &[], 1);
+        }
+        self.meter = meter.wants_body().then_some(meter);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let (Some(meter), Some(plan)) = (self.meter.as_mut(), self.plan.as_ref()) else {
+            return Action::Continue;
+        };
+        let chunk = if body_size == 0 {
+            Vec::new()
+        } else {
+            match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                Ok(bytes) => bytes.unwrap_or_default(),
+                Err(status) => {
+                    log::warn!("#{} cannot read response body: {status:?}", self.context_id);
+                    return Action::Continue;
+                }
+            }
+        };
+        let ctx = MeterContext {
+            store: &SharedData,
+            prices: &plan.metering.prices,
+            limits: &plan.metering.limits,
+            now_secs: now_ms() / 1000,
+            scanner: plan.metering.scanner,
+        };
+        let emissions = meter.on_body(&chunk, end_of_stream, &ctx);
+        let first_event = meter.first_event_seen && !self.first_event_recorded && self.stream_open;
+        let usage = (!emissions.is_empty() && meter.has_usage()).then(|| meter.usage.to_json());
+        if first_event {
+            self.first_event_recorded = true;
+            let waited = now_ms().saturating_sub(self.started_ms);
+            self.metrics
+                .borrow_mut()
+                .record(&metrics::FIRST_EVENT, &[], waited);
+        }
+        if let Some(json) = usage {
+            if let Err(status) = hostcalls::set_property(vec![USAGE_PROPERTY], Some(&json)) {
+                log::debug!("#{} cannot set filter state: {status:?}", self.context_id);
+            }
+        }
+        self.emit(emissions);
+        // Never hold the body back: streams flow as they arrive.
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let (family, action) = match &self.admitted {
+            Some(admitted) => (
+                admitted.operation.family.as_str(),
+                admitted.operation.action.as_str(),
+            ),
+            None => ("unrouted", "none"),
+        };
+        let elapsed = now_ms().saturating_sub(self.started_ms);
+        let mut metrics = self.metrics.borrow_mut();
+        metrics.add(
+            &metrics::REQUESTS,
+            &[family, action, metrics::status_class(self.status)],
+            1,
+        );
+        if self.stream_open {
+            metrics.add(&metrics::ACTIVE_STREAMS, &[], -1);
+            metrics.record(&metrics::STREAM_DURATION, &[], elapsed);
+        } else if self.admitted.is_some() {
+            metrics.record(&metrics::OPERATION_DURATION, &[family], elapsed);
+        }
+    }
+}
+
+/// Host time in milliseconds since the epoch (0 if the host cannot tell).
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

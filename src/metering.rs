@@ -1,0 +1,452 @@
+//! Metering of one response: which bodies are read, how usage found in them is counted
+//! exactly once, priced, and turned into metric [`Emission`]s and the request's
+//! [`RequestUsage`] (exposed to access logs).
+//!
+//! - Event streams (`…/events/stream`, `…/stream`, thread streams) go through the incremental
+//!   [`Scanner`]: nothing is buffered beyond one usage event's data (capped).
+//! - Small JSON bodies are copied up to a cap and parsed at the end: session objects
+//!   (`POST /v1/sessions`, `GET`/`POST /v1/sessions/{id}`: model + cumulative snapshot), event
+//!   history pages (spans seen again are duplicates), and upstream error envelopes.
+//! - Everything else is not looked at.
+//!
+//! The host glue feeds bytes in and emits what comes out; all decisions are here.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::accounting::{self, Charge, Limits};
+use crate::metrics::{self, Metric};
+use crate::pricing::{PriceTable, Priced};
+use crate::routes::{Action, Family, IdKind, Operation};
+use crate::sse::{Scanner, ScannerConfig, SseEvent};
+use crate::store::{self, Store};
+use crate::usage::{self, Observation};
+
+/// Largest JSON body copied for metering (session objects, history pages, error envelopes).
+pub const MAX_JSON_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// A metric update for the glue to apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Emission {
+    Add(&'static Metric, Vec<String>, i64),
+    Record(&'static Metric, Vec<String>, u64),
+}
+
+/// What one request metered: printed by the access log (filter state `ma_gateway_usage`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RequestUsage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    /// `None` when some usage was unpriced (unknown model).
+    pub cost_microdollars: Option<u64>,
+    pub usage_events: u64,
+    pub duplicates: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_list_cost_cents: Option<u64>,
+}
+
+impl RequestUsage {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Everything metering needs from outside the request.
+pub struct MeterContext<'a> {
+    pub store: &'a dyn Store,
+    pub prices: &'a PriceTable,
+    pub limits: &'a Limits,
+    pub now_secs: u64,
+    pub scanner: ScannerConfig,
+}
+
+enum Body {
+    Stream(Box<Scanner>),
+    Json {
+        kind: JsonKind,
+        buf: Vec<u8>,
+        overflow: bool,
+    },
+    Ignore,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JsonKind {
+    Session,
+    EventPage,
+    Error,
+}
+
+/// Per-request metering state.
+pub struct ResponseMeter {
+    tenant: String,
+    session_id: Option<String>,
+    body: Body,
+    pub usage: RequestUsage,
+    priced: bool,
+    events_before: u64,
+    /// Whether the stream has delivered its first event yet (for time-to-first-event).
+    pub first_event_seen: bool,
+}
+
+/// Names of stream events the scanner keeps the data of.
+const STREAM_INTEREST: [&str; 5] = [
+    "span.model_request_end",
+    "span.outcome_evaluation_end",
+    "session.usage",
+    "session.error",
+    "message",
+];
+
+impl ResponseMeter {
+    /// Decides what to read of the response to `op` with `status`, for a caller of `tenant`.
+    pub fn new(op: &Operation, status: u32, tenant: &str, scanner: ScannerConfig) -> ResponseMeter {
+        let session_id = op.id(IdKind::Session).map(str::to_string);
+        let body =
+            if status >= 400 {
+                json(JsonKind::Error)
+            } else if status != 200 {
+                Body::Ignore
+            } else {
+                match (op.family, op.action) {
+                    (Family::SessionEvents | Family::SessionThreads, Action::Stream) => {
+                        debug_assert!(STREAM_INTEREST.iter().all(|n| usage::is_usage_event(n)
+                            || matches!(*n, "session.error" | "message")));
+                        Body::Stream(Box::new(Scanner::new(&STREAM_INTEREST, scanner)))
+                    }
+                    (Family::Sessions, Action::Create | Action::Read | Action::Update) => {
+                        json(JsonKind::Session)
+                    }
+                    (Family::SessionEvents, Action::List) => json(JsonKind::EventPage),
+                    (Family::SessionThreads, Action::List) if op.id(IdKind::Thread).is_some() => {
+                        json(JsonKind::EventPage)
+                    }
+                    _ => Body::Ignore,
+                }
+            };
+        ResponseMeter {
+            tenant: tenant.to_string(),
+            usage: RequestUsage {
+                session_id: session_id.clone(),
+                cost_microdollars: Some(0),
+                ..RequestUsage::default()
+            },
+            session_id,
+            body,
+            priced: false,
+            events_before: 0,
+            first_event_seen: false,
+        }
+    }
+
+    pub fn is_stream(&self) -> bool {
+        matches!(self.body, Body::Stream(_))
+    }
+
+    /// Whether the body needs to be seen at all.
+    pub fn wants_body(&self) -> bool {
+        !matches!(self.body, Body::Ignore)
+    }
+
+    /// Whether this request has metered anything worth writing to the access log.
+    pub fn has_usage(&self) -> bool {
+        self.priced || self.usage.usage_events > 0
+    }
+
+    /// Feeds one body chunk; `end` on the last. Returns the metric updates it caused.
+    pub fn on_body(&mut self, chunk: &[u8], end: bool, ctx: &MeterContext<'_>) -> Vec<Emission> {
+        let mut out = Vec::new();
+        match &mut self.body {
+            Body::Ignore => {}
+            Body::Stream(scanner) => {
+                let mut events: Vec<(String, Vec<u8>, bool)> = Vec::new();
+                let mut collect = |e: SseEvent<'_>| {
+                    events.push((e.name.to_string(), e.data.to_vec(), e.oversize))
+                };
+                scanner.feed(chunk, &mut collect);
+                if end {
+                    scanner.finish(&mut collect);
+                }
+                let seen = scanner.stats().events;
+                if seen > self.events_before {
+                    self.events_before = seen;
+                    self.first_event_seen = true;
+                }
+                for (name, data, oversize) in events {
+                    self.on_stream_event(&name, &data, oversize, ctx, &mut out);
+                }
+            }
+            Body::Json {
+                kind,
+                buf,
+                overflow,
+            } => {
+                if !*overflow {
+                    if buf.len() + chunk.len() > MAX_JSON_BODY_BYTES {
+                        *overflow = true;
+                        *buf = Vec::new();
+                    } else {
+                        buf.extend_from_slice(chunk);
+                    }
+                }
+                if end {
+                    let kind = *kind;
+                    let overflowed = *overflow;
+                    let body = std::mem::take(buf);
+                    self.body = Body::Ignore;
+                    if overflowed {
+                        if kind != JsonKind::Error {
+                            out.push(add(&metrics::BAD_EVENTS, &["oversize"], 1));
+                        }
+                    } else {
+                        self.on_json(kind, &body, ctx, &mut out);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn on_stream_event(
+        &mut self,
+        name: &str,
+        data: &[u8],
+        oversize: bool,
+        ctx: &MeterContext<'_>,
+        out: &mut Vec<Emission>,
+    ) {
+        if oversize {
+            if name != "message" {
+                out.push(add(&metrics::BAD_EVENTS, &["oversize"], 1));
+            }
+            return;
+        }
+        if name == "session.error" {
+            out.push(add(
+                &metrics::UPSTREAM_ERRORS,
+                &[&session_error_type(data)],
+                1,
+            ));
+            return;
+        }
+        self.on_usage_event(name, data, ctx, out);
+    }
+
+    fn on_usage_event(
+        &mut self,
+        name: &str,
+        data: &[u8],
+        ctx: &MeterContext<'_>,
+        out: &mut Vec<Emission>,
+    ) {
+        let observation = match usage::from_event(name, data) {
+            Ok(Some(observation)) => observation,
+            Ok(None) => return,
+            Err(err) => {
+                log::warn!("malformed usage event {name}: {err}");
+                out.push(add(&metrics::BAD_EVENTS, &["malformed"], 1));
+                return;
+            }
+        };
+        let Some(session_id) = self.session_id.clone() else {
+            return;
+        };
+        let kind = match observation {
+            Observation::Span { .. } => "span",
+            Observation::Snapshot(_) => "snapshot",
+        };
+        out.push(add(&metrics::USAGE_EVENTS, &[kind], 1));
+        self.usage.usage_events += 1;
+        if let Observation::Snapshot(snapshot) = &observation {
+            self.list_cost(&session_id, snapshot.list_cost_cents, ctx, out);
+        }
+        match accounting::record_with(
+            ctx.store,
+            ctx.limits,
+            &session_id,
+            &observation,
+            ctx.now_secs,
+        ) {
+            Ok(charge) => self.charge(&charge, ctx, out),
+            Err(err) => log::warn!("usage of {session_id} not recorded: {err}"),
+        }
+    }
+
+    fn on_json(
+        &mut self,
+        kind: JsonKind,
+        body: &[u8],
+        ctx: &MeterContext<'_>,
+        out: &mut Vec<Emission>,
+    ) {
+        match kind {
+            JsonKind::Error => {
+                let kind = serde_json::from_slice::<Value>(body)
+                    .ok()
+                    .and_then(|v| {
+                        v.pointer("/error/type")
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_else(|| "unparsed".to_string());
+                out.push(add(&metrics::UPSTREAM_ERRORS, &[&kind], 1));
+            }
+            JsonKind::Session => match usage::from_session_body(body) {
+                Ok(facts) => {
+                    self.session_id = Some(facts.session_id.clone());
+                    self.usage.session_id = Some(facts.session_id.clone());
+                    if let Some(snapshot) = &facts.snapshot {
+                        self.list_cost(&facts.session_id, snapshot.list_cost_cents, ctx, out);
+                    }
+                    match accounting::observe_session(ctx.store, ctx.limits, &facts, ctx.now_secs) {
+                        Ok(charge) => self.charge(&charge, ctx, out),
+                        Err(err) => log::warn!("session {} not recorded: {err}", facts.session_id),
+                    }
+                }
+                Err(err) => {
+                    log::warn!("session body not understood: {err}");
+                    out.push(add(&metrics::BAD_EVENTS, &["malformed"], 1));
+                }
+            },
+            JsonKind::EventPage => {
+                let Ok(page) = serde_json::from_slice::<Value>(body) else {
+                    out.push(add(&metrics::BAD_EVENTS, &["malformed"], 1));
+                    return;
+                };
+                let events = page
+                    .get("data")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                for event in events {
+                    let Some(name) = event.get("type").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if usage::is_usage_event(name) {
+                        let name = name.to_string();
+                        let data = serde_json::to_vec(&event).unwrap_or_default();
+                        self.on_usage_event(&name, &data, ctx, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Emits a charge's tokens and cost, and adds them to this request's usage.
+    fn charge(&mut self, charge: &Charge, ctx: &MeterContext<'_>, out: &mut Vec<Emission>) {
+        if charge.duplicate {
+            self.usage.duplicates += 1;
+            out.push(add(&metrics::DUPLICATES, &[], 1));
+        }
+        if charge.is_zero() {
+            return;
+        }
+        let model = charge.model.as_deref().unwrap_or("unknown");
+        let tenant = self.tenant.as_str();
+        let cache_write = charge.cache_write_5m + charge.cache_write_1h;
+        for (kind, tokens) in [
+            ("input", charge.input),
+            ("output", charge.output),
+            ("cache_read", charge.cache_read),
+            ("cache_write", cache_write),
+        ] {
+            out.push(add(&metrics::TOKENS, &[tenant, model, kind], tokens));
+        }
+        out.push(add(
+            &metrics::CACHE_WRITE_1H,
+            &[tenant, model],
+            charge.cache_write_1h + charge.cache_write_5m_to_1h,
+        ));
+        out.push(add(
+            &metrics::RUNTIME_SECONDS,
+            &[tenant, model],
+            charge.active_seconds,
+        ));
+        out.push(add(
+            &metrics::WEB_SEARCHES,
+            &[tenant, model],
+            charge.web_search_requests,
+        ));
+        match ctx.prices.price_charge(charge.model.as_deref(), charge) {
+            Priced::Micros(micros) => {
+                out.push(add(&metrics::COST, &[tenant, model], micros));
+                if let Some(total) = &mut self.usage.cost_microdollars {
+                    *total += micros;
+                }
+            }
+            Priced::Unpriced => {
+                let tokens = charge.input + charge.output + charge.cache_read + cache_write;
+                out.push(add(&metrics::UNPRICED_TOKENS, &[tenant, model], tokens));
+                self.usage.cost_microdollars = None;
+            }
+        }
+        self.priced = true;
+        self.usage.model = charge.model.clone();
+        self.usage.input_tokens += charge.input;
+        self.usage.output_tokens += charge.output;
+        self.usage.cache_read_input_tokens += charge.cache_read;
+        self.usage.cache_creation_input_tokens += cache_write;
+        out.retain(|e| !matches!(e, Emission::Add(_, _, 0)));
+    }
+
+    /// Anthropic's own cumulative `list_cost`: emits the increase since the last one seen for
+    /// this session (kept beside the usage record), so it sums like our own cost counter.
+    fn list_cost(
+        &mut self,
+        session_id: &str,
+        cents: Option<u64>,
+        ctx: &MeterContext<'_>,
+        out: &mut Vec<Emission>,
+    ) {
+        let Some(cents) = cents else {
+            return;
+        };
+        self.usage.upstream_list_cost_cents = Some(cents);
+        let key = format!("{}.list_cost", accounting::session_key(session_id));
+        let result = store::update(ctx.store, &key, ctx.limits.cas_attempts, |current| {
+            let previous = current
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+            (cents > previous).then(|| (cents.to_string().into_bytes(), cents - previous))
+        });
+        if let Ok(Some(delta)) = result {
+            out.push(add(&metrics::UPSTREAM_LIST_COST, &[&self.tenant], delta));
+        }
+    }
+}
+
+fn json(kind: JsonKind) -> Body {
+    Body::Json {
+        kind,
+        buf: Vec::new(),
+        overflow: false,
+    }
+}
+
+fn add(metric: &'static Metric, labels: &[&str], value: u64) -> Emission {
+    Emission::Add(
+        metric,
+        labels.iter().map(|l| l.to_string()).collect(),
+        i64::try_from(value).unwrap_or(i64::MAX),
+    )
+}
+
+/// `session.error` events carry `error.type`; label it so it cannot be confused with HTTP errors.
+fn session_error_type(data: &[u8]) -> String {
+    let kind = serde_json::from_slice::<Value>(data)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/type")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".to_string());
+    format!("session_{kind}")
+}
