@@ -238,7 +238,9 @@ mod tests {
         for m in ALL {
             assert!(m.name.starts_with("ma_gateway_"));
             assert!(
-                m.name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                m.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
                 "{}",
                 m.name
             );
