@@ -59,6 +59,10 @@ pub struct Metering {
     /// Bounds of the per-session accounting state in shared data.
     pub limits: Limits,
     pub prices: PriceTable,
+    /// How often the reconciler polls known sessions; 0 disables it.
+    pub reconcile_interval_secs: u64,
+    /// Sessions polled per reconciler tick.
+    pub reconcile_batch: usize,
 }
 
 impl Default for Metering {
@@ -69,6 +73,8 @@ impl Default for Metering {
             },
             limits: Limits::default(),
             prices: PriceTable::defaults(),
+            reconcile_interval_secs: 30,
+            reconcile_batch: 16,
         }
     }
 }
@@ -83,6 +89,9 @@ pub struct Upstream {
     pub credential_env: String,
     /// `anthropic-version` set when the client sent none (a client's own is never changed).
     pub anthropic_version: String,
+    /// Envoy cluster for the gateway's own calls (session lookups by the reconciler and for
+    /// unknown models); must reach the same upstream as the route.
+    pub cluster: String,
 }
 
 /// The `anthropic-beta` rules.
@@ -143,6 +152,7 @@ fn parse_upstream(obj: Option<Obj>) -> Result<Upstream, ConfigError> {
         authority: "api.anthropic.com".into(),
         credential_env: "ANTHROPIC_API_KEY".into(),
         anthropic_version: "2023-06-01".into(),
+        cluster: "anthropic".into(),
     };
     let Some(mut obj) = obj else {
         return Ok(upstream);
@@ -167,6 +177,12 @@ fn parse_upstream(obj: Option<Obj>) -> Result<Upstream, ConfigError> {
             ));
         }
         upstream.credential_env = name;
+    }
+    if let Some(cluster) = obj.opt_str("cluster")? {
+        if cluster.is_empty() || cluster.len() > 256 {
+            return Err(obj.error_at("cluster", "expected an Envoy cluster name"));
+        }
+        upstream.cluster = cluster;
     }
     if let Some(version) = obj.opt_str("anthropic_version")? {
         if !is_header_token(&version) {
@@ -257,6 +273,12 @@ fn parse_metering(obj: Option<Obj>) -> Result<Metering, ConfigError> {
     }
     if let Some(n) = obj.opt_uint("max_tracked_sessions", 16, 1_000_000)? {
         metering.limits.index_capacity = n;
+    }
+    if let Some(n) = obj.opt_uint("reconcile_interval_secs", 0, 24 * 3600)? {
+        metering.reconcile_interval_secs = n as u64;
+    }
+    if let Some(n) = obj.opt_uint("reconcile_batch", 1, 1000)? {
+        metering.reconcile_batch = n;
     }
     if let Some(value) = obj.take("pricing") {
         let path = obj.child_path("pricing");

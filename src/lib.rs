@@ -26,6 +26,7 @@ pub mod identity;
 pub mod metering;
 pub mod metrics;
 pub mod pricing;
+pub mod reconcile;
 pub mod routes;
 pub mod sha256;
 pub mod sse;

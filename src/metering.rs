@@ -145,6 +145,16 @@ impl ResponseMeter {
         }
     }
 
+    /// A meter for a session object the gateway fetched itself (reconciler, model lookup).
+    pub fn for_session_lookup(session_id: &str, status: u32, tenant: &str) -> ResponseMeter {
+        let op = Operation {
+            family: Family::Sessions,
+            action: Action::Read,
+            ids: vec![(IdKind::Session, session_id.to_string())],
+        };
+        ResponseMeter::new(&op, status, tenant, ScannerConfig { max_event_bytes: 0 })
+    }
+
     pub fn is_stream(&self) -> bool {
         matches!(self.body, Body::Stream(_))
     }
@@ -299,6 +309,7 @@ impl ResponseMeter {
             }
             JsonKind::Session => match usage::from_session_body(body) {
                 Ok(facts) => {
+                    crate::reconcile::remember_tenant(ctx.store, &facts.session_id, &self.tenant);
                     self.session_id = Some(facts.session_id.clone());
                     self.usage.session_id = Some(facts.session_id.clone());
                     if let Some(snapshot) = &facts.snapshot {

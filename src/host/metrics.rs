@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
+use crate::metering::Emission;
 use crate::metrics::{stat_name, Kind, Metric};
 
 /// Most distinct stats one VM will define; beyond it new label sets are dropped (and logged
@@ -67,6 +68,22 @@ impl Metrics {
         if let Some(id) = self.id(metric, labels) {
             if let Err(status) = hostcalls::record_metric(id, value) {
                 log::warn!("cannot record {}: {status:?}", metric.name);
+            }
+        }
+    }
+
+    /// Applies what the metering core decided.
+    pub fn apply(&mut self, emissions: Vec<Emission>) {
+        for emission in emissions {
+            match emission {
+                Emission::Add(metric, labels, delta) => {
+                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                    self.add(metric, &labels, delta);
+                }
+                Emission::Record(metric, labels, value) => {
+                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+                    self.record(metric, &labels, value);
+                }
             }
         }
     }

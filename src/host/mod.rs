@@ -5,6 +5,7 @@
 //! (the SDK's trait helpers `unwrap` them), and a panic hook logs at Critical in case.
 
 mod credentials;
+mod lookup;
 mod metrics;
 mod root;
 mod store;

@@ -15,14 +15,17 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType, Status};
 
 use super::credentials;
+use super::lookup;
 use super::metrics::Metrics;
 use super::store::SharedData;
+use crate::accounting;
 use crate::config::Plan;
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
 use crate::gateway::{self, header_value as header, Admitted, RequestHead};
 use crate::headers::HeaderEdit;
-use crate::metering::{Emission, MeterContext, ResponseMeter};
+use crate::metering::{MeterContext, ResponseMeter};
 use crate::metrics;
+use crate::routes::IdKind;
 
 /// Filter-state key (single path token) under which each request's usage JSON is stored; an
 /// access log prints it with `%FILTER_STATE(wasm.ma_gateway_usage:PLAIN)%`.
@@ -38,6 +41,8 @@ pub struct GatewayStream {
     meter: Option<ResponseMeter>,
     stream_open: bool,
     first_event_recorded: bool,
+    /// A session lookup in flight (model unknown when the stream opened): token, session.
+    lookup: Option<(u32, String)>,
 }
 
 impl GatewayStream {
@@ -52,6 +57,7 @@ impl GatewayStream {
             meter: None,
             stream_open: false,
             first_event_recorded: false,
+            lookup: None,
         }
     }
 
@@ -97,25 +103,36 @@ impl GatewayStream {
         }
         Ok(())
     }
-
-    fn emit(&self, emissions: Vec<Emission>) {
-        let mut metrics = self.metrics.borrow_mut();
-        for emission in emissions {
-            match emission {
-                Emission::Add(metric, labels, delta) => {
-                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-                    metrics.add(metric, &labels, delta);
-                }
-                Emission::Record(metric, labels, value) => {
-                    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-                    metrics.record(metric, &labels, value);
-                }
-            }
-        }
-    }
 }
 
-impl Context for GatewayStream {}
+impl Context for GatewayStream {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let (Some((token, session_id)), Some(plan), Some(admitted)) =
+            (&self.lookup, &self.plan, &self.admitted)
+        else {
+            return;
+        };
+        if *token != token_id {
+            return;
+        }
+        let tenant = admitted.principal.tenant.clone();
+        lookup::on_response(
+            plan,
+            &mut self.metrics.borrow_mut(),
+            session_id,
+            &tenant,
+            body_size,
+            now_ms() / 1000,
+        );
+        self.lookup = None;
+    }
+}
 
 impl HttpContext for GatewayStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -201,6 +218,19 @@ impl HttpContext for GatewayStream {
             self.metrics
                 .borrow_mut()
                 .add(&metrics::ACTIVE_STREAMS, &[], 1);
+            // Spans carry no model: if this session's model was never learned (created before
+            // this gateway, or on another replica), look it up with the injected credential.
+            if let Some(session_id) = admitted.operation.id(IdKind::Session) {
+                let known = accounting::summary(&SharedData, session_id)
+                    .ok()
+                    .flatten()
+                    .and_then(|s| s.model)
+                    .is_some();
+                if !known {
+                    self.lookup = lookup::dispatch(plan, session_id)
+                        .map(|token| (token, session_id.to_string()));
+                }
+            }
         }
         self.meter = meter.wants_body().then_some(meter);
         Action::Continue
@@ -243,7 +273,7 @@ impl HttpContext for GatewayStream {
                 log::debug!("#{} cannot set filter state: {status:?}", self.context_id);
             }
         }
-        self.emit(emissions);
+        self.metrics.borrow_mut().apply(emissions);
         // Never hold the body back: streams flow as they arrive.
         Action::Continue
     }

@@ -19,6 +19,7 @@ from tests.e2e.test_streaming import SseReader, send_text
 PRICES = {
     "claude-opus-4-6": (5_000_000, 6_250_000, 10_000_000, 500_000, 25_000_000),
     "claude-sonnet-4-6": (3_000_000, 3_750_000, 6_000_000, 300_000, 15_000_000),
+    "claude-haiku-4-5": (1_000_000, 1_250_000, 2_000_000, 100_000, 5_000_000),
 }
 RUNTIME_MICROS_PER_HOUR = 80_000
 
@@ -26,7 +27,8 @@ RUNTIME_MICROS_PER_HOUR = 80_000
 @pytest.fixture(scope="module")
 def metered(emulator):
     """A gateway of its own, so its Prometheus counters hold only this module's usage."""
-    envoy = start_gateway(emulator, api_key=emulator.api_key)
+    envoy = start_gateway(emulator, api_key=emulator.api_key,
+                          plugin_overrides={"metering": {"reconcile_interval_secs": 1}})
     yield Gateway(envoy, emulator)
     envoy.stop()
 
@@ -180,3 +182,29 @@ def test_unknown_model_is_counted_as_unpriced_never_as_zero(metered):
     tokens = truth["input_tokens"] + truth["output_tokens"] + truth["cache_read_input_tokens"] + truth["cache_creation_input_tokens"]
     assert metric(samples, "ma_gateway_unpriced_tokens_total", tenant="default", model="claude-mystery-9") == tokens
     assert ("ma_gateway_cost_microdollars_total", frozenset({("tenant", "default"), ("model", "claude-mystery-9")})) not in samples
+
+
+def test_the_reconciler_meters_sessions_nobody_streams_or_reads(metered):
+    """The singleton polls known sessions: usage of a session that only ever received a POST
+    through the gateway still reaches Prometheus, exactly."""
+    gw = metered
+    sid = session_for(gw, "claude-haiku-4-5")
+    send_text(gw, sid, "nobody is listening")
+    send_text(gw, sid, "still nobody, use a tool")
+    end = time.monotonic() + 20
+    while gw.emulator.usage(sid)["model_requests"] < 3 and time.monotonic() < end:
+        time.sleep(0.1)
+    truth = gw.emulator.usage(sid)
+    assert truth["model_requests"] == 3
+
+    def caught_up(samples):
+        return metric(samples, "ma_gateway_tokens_total", tenant="default", model="claude-haiku-4-5",
+                      type="output") == truth["output_tokens"]
+
+    samples = eventually(gw, caught_up, timeout=20)
+    for kind, field in [("input", "input_tokens"), ("output", "output_tokens"),
+                        ("cache_read", "cache_read_input_tokens"), ("cache_write", "cache_creation_input_tokens")]:
+        assert metric(samples, "ma_gateway_tokens_total", tenant="default", model="claude-haiku-4-5",
+                      type=kind) == truth[field], kind
+    assert metric(samples, "ma_gateway_cost_microdollars_total", tenant="default",
+                  model="claude-haiku-4-5") == expected_cost(truth, "claude-haiku-4-5")

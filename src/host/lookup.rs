@@ -1,0 +1,79 @@
+//! The gateway's own `GET /v1/sessions/{id}` calls (reconciler ticks, unknown models on a
+//! stream): dispatched to the upstream cluster with the key from shared data, answered into
+//! the same metering as client traffic.
+
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType};
+
+use super::credentials;
+use super::metrics::Metrics;
+use super::store::SharedData;
+use crate::config::Plan;
+use crate::metering::{MeterContext, ResponseMeter};
+use crate::reconcile;
+
+/// Upper bound on one lookup; a slow upstream must not pile calls up behind the timer.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends the lookup; `None` (logged) when there is no credential or the host refuses.
+pub fn dispatch(plan: &Plan, session_id: &str) -> Option<u32> {
+    let credential = credentials::current_key()?;
+    let headers = reconcile::session_request(plan, session_id, &credential);
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    match hostcalls::dispatch_http_call(
+        &plan.upstream.cluster,
+        headers,
+        None,
+        vec![],
+        LOOKUP_TIMEOUT,
+    ) {
+        Ok(token) => Some(token),
+        Err(status) => {
+            log::warn!(
+                "session lookup of {session_id} via cluster {} not sent: {status:?}",
+                plan.upstream.cluster
+            );
+            None
+        }
+    }
+}
+
+/// Meters the answer of a lookup (call from `on_http_call_response`).
+pub fn on_response(
+    plan: &Plan,
+    metrics: &mut Metrics,
+    session_id: &str,
+    tenant: &str,
+    body_size: usize,
+    now_secs: u64,
+) {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(0);
+    let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+        Ok(body) => body.unwrap_or_default(),
+        Err(status) => {
+            log::warn!("session lookup of {session_id}: cannot read body: {status:?}");
+            return;
+        }
+    };
+    if status != 200 {
+        log::info!("session lookup of {session_id} answered {status}");
+    }
+    let mut meter = ResponseMeter::for_session_lookup(session_id, status, tenant);
+    let ctx = MeterContext {
+        store: &SharedData,
+        prices: &plan.metering.prices,
+        limits: &plan.metering.limits,
+        now_secs,
+        scanner: plan.metering.scanner,
+    };
+    metrics.apply(meter.on_body(&body, true, &ctx));
+}
