@@ -12,7 +12,7 @@ EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
 DEBIAN_PACKAGES := ca-certificates
 
-.PHONY: all run test lint unit validate e2e build wasm emulator toolchain venv debs clean
+.PHONY: all run test bench lint unit validate e2e build wasm emulator toolchain venv debs clean
 
 all: build
 
@@ -22,6 +22,10 @@ run: build venv
 
 ## test: lint, unit and property tests, config validation, and the real-Envoy end-to-end suite
 test: lint unit validate e2e
+
+## bench: native micro-benchmarks; every figure is printed beside a baseline measured in the same run
+bench:
+	cargo run --release --quiet --bin ma-bench
 
 debs:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

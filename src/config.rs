@@ -13,8 +13,10 @@ use serde_json::{Map, Value};
 use crate::accounting::Limits;
 use crate::pricing::PriceTable;
 use crate::routes::{Neighbour, RouteRules};
+use crate::scopes::Scope;
 use crate::sha256;
 use crate::sse::ScannerConfig;
+use crate::time::parse_rfc3339_utc;
 
 /// The only config version this build understands.
 pub const API_VERSION: &str = "v1";
@@ -48,7 +50,24 @@ pub struct Plan {
     pub betas: Betas,
     pub routes: RouteRules,
     pub gateway_keys: Vec<GatewayKey>,
+    /// Declared tenants. Empty: every tenant may do everything (single-team deployments).
+    pub tenants: Vec<Tenant>,
     pub metering: Metering,
+}
+
+impl Plan {
+    /// The scopes of a tenant: its declared ones, all when no tenants are declared, none
+    /// when tenants are declared but this one is not (a JWT naming an unknown tenant).
+    pub fn tenant_scopes(&self, tenant: &str) -> Vec<Scope> {
+        if self.tenants.is_empty() {
+            return vec![Scope::ALL];
+        }
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .map(|t| t.scopes.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// How usage is metered and priced.
@@ -109,6 +128,17 @@ pub struct GatewayKey {
     pub name: String,
     pub sha256: [u8; 32],
     pub tenant: String,
+    /// Unix seconds after which the key is refused; `None` never expires.
+    pub expires_at: Option<u64>,
+    /// Narrows the tenant's scopes for this key; `None` = the tenant's scopes.
+    pub scopes: Option<Vec<Scope>>,
+}
+
+/// A tenant: the unit of isolation, scopes and (later) upstream credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant {
+    pub name: String,
+    pub scopes: Vec<Scope>,
 }
 
 /// The tenant a key belongs to when its config names none.
@@ -134,7 +164,8 @@ impl Plan {
         let upstream = parse_upstream(root.opt_obj("upstream")?)?;
         let betas = parse_betas(root.opt_obj("betas")?)?;
         let routes = parse_routes(root.opt_obj("routes")?)?;
-        let gateway_keys = parse_gateway_keys(&mut root)?;
+        let tenants = parse_tenants(&mut root)?;
+        let gateway_keys = parse_gateway_keys(&mut root, &tenants)?;
         let metering = parse_metering(root.opt_obj("metering")?)?;
         root.finish()?;
         Ok(Plan {
@@ -142,6 +173,7 @@ impl Plan {
             betas,
             routes,
             gateway_keys,
+            tenants,
             metering,
         })
     }
@@ -300,7 +332,50 @@ fn parse_metering(obj: Option<Obj>) -> Result<Metering, ConfigError> {
     Ok(metering)
 }
 
-fn parse_gateway_keys(root: &mut Obj) -> Result<Vec<GatewayKey>, ConfigError> {
+fn parse_tenants(root: &mut Obj) -> Result<Vec<Tenant>, ConfigError> {
+    let Some(items) = root.opt_array("tenants")? else {
+        return Ok(Vec::new());
+    };
+    let mut tenants: Vec<Tenant> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let mut obj = Obj::new(item, format!("tenants[{i}]"))?;
+        let name = obj.req_str("name")?;
+        if !is_name(&name) {
+            return Err(obj.error_at("name", "expected a non-empty name of [A-Za-z0-9_.-]"));
+        }
+        if tenants.iter().any(|t| t.name == name) {
+            return Err(obj.error_at("name", format!("duplicate tenant {name:?}")));
+        }
+        let scopes = parse_scopes(&mut obj, "scopes")?.unwrap_or_else(|| vec![Scope::ALL]);
+        obj.finish()?;
+        tenants.push(Tenant { name, scopes });
+    }
+    Ok(tenants)
+}
+
+fn parse_scopes(obj: &mut Obj, key: &str) -> Result<Option<Vec<Scope>>, ConfigError> {
+    let Some(texts) = obj.opt_str_list(key, |_| true)? else {
+        return Ok(None);
+    };
+    let mut scopes = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        scopes.push(
+            Scope::parse(text).map_err(|message| obj.error_at(&format!("{key}[{i}]"), message))?,
+        );
+    }
+    Ok(Some(scopes))
+}
+
+/// A name usable in logs, metric labels and shared-data keys.
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+fn parse_gateway_keys(root: &mut Obj, tenants: &[Tenant]) -> Result<Vec<GatewayKey>, ConfigError> {
     let Some(items) = root.opt_array("gateway_keys")? else {
         return Ok(Vec::new());
     };
@@ -329,11 +404,29 @@ fn parse_gateway_keys(root: &mut Obj) -> Result<Vec<GatewayKey>, ConfigError> {
         let tenant = obj
             .opt_str("tenant")?
             .unwrap_or_else(|| DEFAULT_TENANT.into());
+        if !tenants.is_empty() && !tenants.iter().any(|t| t.name == tenant) {
+            return Err(obj.error_at(
+                "tenant",
+                format!("tenant {tenant:?} is not declared in tenants"),
+            ));
+        }
+        let expires_at = match obj.opt_str("expires_at")? {
+            None => None,
+            Some(text) => Some(parse_rfc3339_utc(&text).ok_or_else(|| {
+                obj.error_at(
+                    "expires_at",
+                    format!("expected a UTC time like 2027-01-31T00:00:00Z, found {text:?}"),
+                )
+            })?),
+        };
+        let scopes = parse_scopes(&mut obj, "scopes")?;
         obj.finish()?;
         keys.push(GatewayKey {
             name,
             sha256,
             tenant,
+            expires_at,
+            scopes,
         });
     }
     Ok(keys)
@@ -534,6 +627,24 @@ mod tests {
     }
 
     #[test]
+    fn tenants_scopes_and_expiry_compile() {
+        let json = format!(
+            r#"{{"api_version":"v1",
+               "tenants":[{{"name":"acme","scopes":["*:*"]}},{{"name":"ro","scopes":["sessions:readonly"]}}],
+               "gateway_keys":[{{"name":"k","sha256":"{KEY_HASH}","tenant":"ro","expires_at":"2027-01-01T00:00:00Z","scopes":["sessions:read"]}}]}}"#
+        );
+        let plan = Plan::from_json(json.as_bytes()).unwrap();
+        assert_eq!(plan.gateway_keys[0].expires_at, Some(1_798_761_600));
+        assert_eq!(
+            plan.tenant_scopes("ro"),
+            vec![Scope::parse("sessions:readonly").unwrap()]
+        );
+        assert_eq!(plan.tenant_scopes("nobody"), vec![]);
+        let open = Plan::from_json(br#"{"api_version":"v1"}"#).unwrap();
+        assert_eq!(open.tenant_scopes("anyone"), vec![Scope::ALL]);
+    }
+
+    #[test]
     fn errors_name_the_field_path() {
         let cases = [
             ("not json", "config error: not valid JSON"),
@@ -619,6 +730,30 @@ mod tests {
             let got = err(json);
             assert!(got.starts_with(want), "{json}\n got: {got}\nwant: {want}");
         }
+        let undeclared = format!(
+            r#"{{"api_version":"v1","tenants":[{{"name":"acme"}}],"gateway_keys":[{{"name":"a","sha256":"{KEY_HASH}","tenant":"other"}}]}}"#
+        );
+        assert_eq!(
+            err(&undeclared),
+            "config error at gateway_keys[0].tenant: tenant \"other\" is not declared in tenants"
+        );
+        let expiry = format!(
+            r#"{{"api_version":"v1","gateway_keys":[{{"name":"a","sha256":"{KEY_HASH}","expires_at":"tomorrow"}}]}}"#
+        );
+        assert!(err(&expiry)
+            .starts_with("config error at gateway_keys[0].expires_at: expected a UTC time"));
+        let scope = format!(
+            r#"{{"api_version":"v1","gateway_keys":[{{"name":"a","sha256":"{KEY_HASH}","scopes":["sessions:fly"]}}]}}"#
+        );
+        assert_eq!(err(&scope), "config error at gateway_keys[0].scopes[0]: scope \"sessions:fly\": unknown action \"fly\"");
+        assert_eq!(
+            err(r#"{"api_version":"v1","tenants":[{"name":"a","scopes":["x"]}]}"#),
+            "config error at tenants[0].scopes[0]: scope \"x\" is not family:action"
+        );
+        assert_eq!(
+            err(r#"{"api_version":"v1","tenants":[{"name":"a"},{"name":"a"}]}"#),
+            "config error at tenants[1].name: duplicate tenant \"a\""
+        );
         let dup = format!(
             r#"{{"api_version":"v1","gateway_keys":[{{"name":"a","sha256":"{KEY_HASH}"}},{{"name":"a","sha256":"{KEY_HASH}"}}]}}"#
         );

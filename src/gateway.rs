@@ -10,6 +10,7 @@ use crate::errors::{excerpt, ApiError, ErrorKind};
 use crate::headers::{rewrite_request, HeaderEdit};
 use crate::identity::{authenticate, presented_key, Principal};
 use crate::routes::{classify, Operation};
+use crate::scopes::authorize;
 
 /// What the glue read from the host for one request.
 #[derive(Clone, Copy, Debug)]
@@ -45,14 +46,16 @@ pub struct Admitted {
     pub edits: Vec<HeaderEdit>,
 }
 
-/// Decides one request. `credential` is the upstream key currently in shared data, if any.
+/// Decides one request at `now_secs`. `credential` is the upstream key currently in shared
+/// data, if any.
 pub fn admit(
     plan: &Plan,
     head: &RequestHead<'_>,
     credential: Option<&str>,
+    now_secs: u64,
 ) -> Result<Admitted, ApiError> {
     let presented = presented_key(head.header("x-api-key"), head.header("authorization"));
-    let principal = authenticate(&plan.gateway_keys, presented)?;
+    let principal = authenticate(&plan.gateway_keys, presented, now_secs)?;
     let operation = classify(&plan.routes, head.method, head.path).ok_or_else(|| {
         let path = head.path.split_once('?').map_or(head.path, |(p, _)| p);
         ApiError::new(
@@ -64,6 +67,11 @@ pub fn admit(
             ),
         )
     })?;
+    authorize(
+        &plan.tenant_scopes(&principal.tenant),
+        principal.scopes.as_deref(),
+        &operation,
+    )?;
     let credential = credential.ok_or_else(|| {
         ApiError::new(
             ErrorKind::Unavailable,
@@ -117,6 +125,7 @@ mod tests {
                 headers: &headers,
             },
             credential,
+            0,
         )
     }
 

@@ -7,12 +7,15 @@
 
 use crate::config::GatewayKey;
 use crate::errors::{ApiError, ErrorKind};
+use crate::scopes::Scope;
 use crate::sha256;
 
 /// How a principal proved who it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthMethod {
     GatewayKey,
+    /// A JWT verified by Envoy's `jwt_authn` filter.
+    Jwt,
 }
 
 /// An authenticated caller. Every principal belongs to exactly one tenant.
@@ -22,6 +25,8 @@ pub struct Principal {
     pub name: String,
     pub tenant: String,
     pub method: AuthMethod,
+    /// The principal's own scopes, narrowing its tenant's; `None` = the tenant's.
+    pub scopes: Option<Vec<Scope>>,
 }
 
 /// Longest credential we will hash: real keys are ~100 bytes; this bounds work per request.
@@ -41,8 +46,12 @@ pub fn presented_key<'h>(
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Authenticates a presented gateway key against the configured hashes.
-pub fn authenticate(keys: &[GatewayKey], presented: Option<&str>) -> Result<Principal, ApiError> {
+/// Authenticates a presented gateway key against the configured hashes at `now_secs`.
+pub fn authenticate(
+    keys: &[GatewayKey],
+    presented: Option<&str>,
+    now_secs: u64,
+) -> Result<Principal, ApiError> {
     let Some(presented) = presented else {
         return Err(ApiError::new(
             ErrorKind::Authentication,
@@ -62,10 +71,17 @@ pub fn authenticate(keys: &[GatewayKey], presented: Option<&str>) -> Result<Prin
         }
     }
     let key = found.ok_or_else(invalid)?;
+    if key.expires_at.is_some_and(|at| now_secs >= at) {
+        return Err(ApiError::new(
+            ErrorKind::Authentication,
+            "gateway key expired",
+        ));
+    }
     Ok(Principal {
         name: key.name.clone(),
         tenant: key.tenant.clone(),
         method: AuthMethod::GatewayKey,
+        scopes: key.scopes.clone(),
     })
 }
 
@@ -79,11 +95,15 @@ mod tests {
                 name: "alpha".into(),
                 sha256: sha256::digest(b"key-alpha"),
                 tenant: "team-a".into(),
+                expires_at: None,
+                scopes: None,
             },
             GatewayKey {
                 name: "beta".into(),
                 sha256: sha256::digest(b"key-beta"),
                 tenant: "team-b".into(),
+                expires_at: Some(2_000),
+                scopes: Some(vec![Scope::ALL]),
             },
         ]
     }
@@ -102,24 +122,35 @@ mod tests {
 
     #[test]
     fn known_keys_map_to_their_principal() {
-        let p = authenticate(&keys(), Some("key-beta")).unwrap();
+        let p = authenticate(&keys(), Some("key-beta"), 1_999).unwrap();
         assert_eq!(
             p,
             Principal {
                 name: "beta".into(),
                 tenant: "team-b".into(),
-                method: AuthMethod::GatewayKey
+                method: AuthMethod::GatewayKey,
+                scopes: Some(vec![Scope::ALL]),
             }
         );
     }
 
     #[test]
+    fn expired_keys_are_401() {
+        let e = authenticate(&keys(), Some("key-beta"), 2_000).unwrap_err();
+        assert_eq!(
+            (e.status(), e.message.as_str()),
+            (401, "gateway key expired")
+        );
+        assert!(authenticate(&keys(), Some("key-alpha"), u64::MAX).is_ok());
+    }
+
+    #[test]
     fn missing_wrong_and_oversized_keys_are_401() {
-        let missing = authenticate(&keys(), None).unwrap_err();
+        let missing = authenticate(&keys(), None, 0).unwrap_err();
         assert_eq!(missing.status(), 401);
         assert!(missing.message.starts_with("missing gateway key"));
         for bad in ["key-gamma", "key-alph", "key-alpha ", ""] {
-            let e = authenticate(&keys(), Some(bad)).unwrap_err();
+            let e = authenticate(&keys(), Some(bad), 0).unwrap_err();
             assert_eq!(
                 (e.status(), e.message.as_str()),
                 (401, "invalid gateway key"),
@@ -128,11 +159,13 @@ mod tests {
         }
         let huge = "k".repeat(MAX_PRESENTED_KEY_BYTES + 1);
         assert_eq!(
-            authenticate(&keys(), Some(&huge)).unwrap_err().status(),
+            authenticate(&keys(), Some(&huge), 0).unwrap_err().status(),
             401
         );
         assert_eq!(
-            authenticate(&[], Some("key-alpha")).unwrap_err().status(),
+            authenticate(&[], Some("key-alpha"), 0)
+                .unwrap_err()
+                .status(),
             401
         );
     }

@@ -28,9 +28,11 @@ pub mod metrics;
 pub mod pricing;
 pub mod reconcile;
 pub mod routes;
+pub mod scopes;
 pub mod sha256;
 pub mod sse;
 pub mod store;
+pub mod time;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]

@@ -104,6 +104,13 @@ metric!(
     "Event streams currently open through this Envoy."
 );
 metric!(
+    VM_MEMORY,
+    "ma_gateway_wasm_memory_bytes",
+    Gauge,
+    [],
+    "Linear memory of the Wasm VM that logged the latest request (per VM; with several workers, the last writer). Flat under any stream size."
+);
+metric!(
     STREAM_DURATION,
     "ma_gateway_stream_duration_milliseconds",
     Histogram,
@@ -142,6 +149,7 @@ pub const ALL: &[Metric] = &[
     DUPLICATES,
     BAD_EVENTS,
     ACTIVE_STREAMS,
+    VM_MEMORY,
     STREAM_DURATION,
     FIRST_EVENT,
     OPERATION_DURATION,

@@ -161,7 +161,7 @@ impl HttpContext for GatewayStream {
             headers: &headers,
         };
         let credential = credentials::current_key();
-        match gateway::admit(&plan, &head, credential.as_deref()) {
+        match gateway::admit(&plan, &head, credential.as_deref(), now_ms() / 1000) {
             Ok(admitted) => {
                 if let Err(status) = Self::apply(&admitted.edits) {
                     log::error!(
@@ -299,7 +299,13 @@ impl HttpContext for GatewayStream {
         } else if self.admitted.is_some() {
             metrics.record(&metrics::OPERATION_DURATION, &[family], elapsed);
         }
+        metrics.record(&metrics::VM_MEMORY, &[], wasm_memory_bytes());
     }
+}
+
+/// Size of this VM's linear memory (it only grows; flat means nothing accumulated).
+fn wasm_memory_bytes() -> u64 {
+    (core::arch::wasm32::memory_size(0) as u64).saturating_mul(65_536)
 }
 
 /// Host time in milliseconds since the epoch (0 if the host cannot tell).

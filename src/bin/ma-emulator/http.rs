@@ -372,6 +372,9 @@ impl Reply {
     }
 }
 
+/// Chunks up to this size are copied into one buffer and written with a single call.
+const COALESCE_MAX: usize = 64 * 1024;
+
 /// Writes chunked-transfer frames, flushing after each one.
 pub struct ChunkedWriter<'a> {
     inner: &'a mut dyn Write,
@@ -382,15 +385,24 @@ impl<'a> ChunkedWriter<'a> {
         Self { inner }
     }
 
-    /// Sends `data` as one chunk and flushes it to the peer.
+    /// Sends `data` as one chunk and flushes it to the peer. Small chunks go out in a single
+    /// write; big ones (e.g. `emulator:large` frames) are written in place, not copied.
     pub fn send(&mut self, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
         }
-        let mut frame = format!("{:x}\r\n", data.len()).into_bytes();
-        frame.extend_from_slice(data);
-        frame.extend_from_slice(b"\r\n");
-        self.inner.write_all(&frame)?;
+        let head = format!("{:x}\r\n", data.len());
+        if data.len() <= COALESCE_MAX {
+            let mut frame = Vec::with_capacity(head.len() + data.len() + 2);
+            frame.extend_from_slice(head.as_bytes());
+            frame.extend_from_slice(data);
+            frame.extend_from_slice(b"\r\n");
+            self.inner.write_all(&frame)?;
+        } else {
+            self.inner.write_all(head.as_bytes())?;
+            self.inner.write_all(data)?;
+            self.inner.write_all(b"\r\n")?;
+        }
         self.inner.flush()
     }
 
@@ -667,5 +679,13 @@ mod tests {
         chunks.send(b"").unwrap();
         chunks.finish().unwrap();
         assert_eq!(out, b"a\r\nevent: x\n\n\r\n0\r\n\r\n");
+
+        let big = vec![b'z'; COALESCE_MAX + 1];
+        let mut out = Vec::new();
+        ChunkedWriter::new(&mut out).send(&big).unwrap();
+        let mut expected = format!("{:x}\r\n", big.len()).into_bytes();
+        expected.extend_from_slice(&big);
+        expected.extend_from_slice(b"\r\n");
+        assert_eq!(out, expected);
     }
 }

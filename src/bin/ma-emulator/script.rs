@@ -18,6 +18,26 @@
 //! `emulator:ticker N` instead emits N `agent.message` ticks one second apart (stamped with
 //! the wall clock just before each is broadcast) inside one model request; `user.interrupt`
 //! ends it early. Token counts depend only on the text, the turn index and the request index.
+//!
+//! `emulator:large N KB` (N ≤ 10000, KB ≤ 16384, larger values are clamped) is a bulk-output
+//! stress turn: inside one model request it emits N `agent.message` events whose text is
+//! exactly KB KiB of `"lorem ipsum "` filler, back to back (the usual `--event-delay-ms`
+//! only before the first and after the last), then the usual `span.model_request_end`
+//! (usage by [`model_usage`] of the user text, recorded in the ground truth like any turn),
+//! `session.usage` and `session.status_idle`. To keep the emulator's memory bounded:
+//!
+//! - the filler is built once per turn and each SSE frame is formatted once per event (one
+//!   allocation of ~KB KiB, shared by every stream), one event at a time;
+//! - the event *history* keeps only the first [`LARGE_HISTORY_BYTES`] of each such text
+//!   followed by a `[ma-emulator: …]` note (same id and timestamps as the streamed event),
+//!   so `GET …/events` returns truncated texts;
+//! - before each event the turn blocks (outside the store lock) until every open stream has
+//!   at most [`LARGE_BACKLOG_BYTES`] queued and unwritten (see [`crate::sse`]): a slow
+//!   reader slows the turn down instead of piling frames up; a stalled one is dropped by the
+//!   socket write timeout; `user.interrupt` or deleting the session ends the wait and the
+//!   turn early;
+//! - streams that asked for `agent.message` previews get an `event_start` (no deltas,
+//!   which the API documents as best-effort) before each large event.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,8 +47,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::api::App;
+use crate::sse;
 use crate::store::{PendingTurn, Store, UsageTruth};
-use crate::util::unix_millis;
+use crate::util::{now_rfc3339, unix_millis};
 
 /// `active_seconds` accounted per model request.
 pub const ACTIVE_SECONDS_PER_REQUEST: u64 = 2;
@@ -36,6 +57,19 @@ pub const ACTIVE_SECONDS_PER_REQUEST: u64 = 2;
 pub const MAX_TICKS: u32 = 600;
 const TICK_INTERVAL: Duration = Duration::from_secs(1);
 const TICKER_PREFIX: &str = "emulator:ticker";
+const LARGE_PREFIX: &str = "emulator:large";
+/// Upper bound on N of `emulator:large N KB`.
+pub const MAX_LARGE_EVENTS: u32 = 10_000;
+/// Upper bound on KB of `emulator:large N KB`.
+pub const MAX_LARGE_KIB: u32 = 16_384;
+/// How much of each large text the event history keeps.
+pub const LARGE_HISTORY_BYTES: usize = 1024;
+/// A stream with more than this queued makes the large turn wait before its next event.
+pub const LARGE_BACKLOG_BYTES: usize = 8 << 20;
+const FILLER: &str = "lorem ipsum ";
+/// Stands for the text while a large frame's JSON is serialized (cannot occur elsewhere in
+/// it: ids are base62, timestamps digits and punctuation).
+const TEXT_PLACEHOLDER: &str = "@@ma-emulator-large-text@@";
 
 /// Token usage of one model request, as carried by `span.model_request_end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,26 +119,106 @@ pub enum TurnKind {
     Reply { tool: bool },
     /// Emit this many one-second ticks.
     Ticker(u32),
+    /// Emit `events` messages of `kib` KiB each, back to back.
+    Large { events: u32, kib: u32 },
 }
 
 /// Chooses the script for a user message.
 pub fn classify(text: &str) -> TurnKind {
-    match ticker_count(text) {
-        Some(n) => TurnKind::Ticker(n),
-        None => TurnKind::Reply {
-            tool: mentions_tool(text),
-        },
+    if let Some(n) = ticker_count(text) {
+        return TurnKind::Ticker(n);
     }
+    if let Some((events, kib)) = large_args(text) {
+        return TurnKind::Large { events, kib };
+    }
+    TurnKind::Reply {
+        tool: mentions_tool(text),
+    }
+}
+
+/// The first `K` whitespace-separated non-negative integers after `prefix` (which must be
+/// followed by whitespace); anything after them is ignored.
+fn command_args<const K: usize>(text: &str, prefix: &str) -> Option<[u64; K]> {
+    let rest = text.trim_start().strip_prefix(prefix)?;
+    if !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let mut words = rest.split_whitespace();
+    let mut args = [0; K];
+    for arg in &mut args {
+        *arg = words.next()?.parse().ok()?;
+    }
+    Some(args)
+}
+
+fn clamp(n: u64, max: u32) -> u32 {
+    u32::try_from(n.min(u64::from(max))).unwrap_or(max)
 }
 
 /// `emulator:ticker N` → `Some(min(N, 600))`.
 pub fn ticker_count(text: &str) -> Option<u32> {
-    let rest = text.trim_start().strip_prefix(TICKER_PREFIX)?;
-    if !rest.starts_with(char::is_whitespace) {
-        return None;
+    let [n] = command_args(text, TICKER_PREFIX)?;
+    Some(clamp(n, MAX_TICKS))
+}
+
+/// `emulator:large N KB` → `Some((min(N, 10000), min(KB, 16384)))`.
+pub fn large_args(text: &str) -> Option<(u32, u32)> {
+    let [n, kib] = command_args(text, LARGE_PREFIX)?;
+    Some((clamp(n, MAX_LARGE_EVENTS), clamp(kib, MAX_LARGE_KIB)))
+}
+
+/// Exactly `bytes` bytes of repeated `"lorem ipsum "` (ASCII, so JSON-safe as is).
+pub fn filler(bytes: usize) -> String {
+    let mut text = String::with_capacity(bytes + FILLER.len());
+    while text.len() < bytes {
+        text.push_str(FILLER);
     }
-    let n: u64 = rest.split_whitespace().next()?.parse().ok()?;
-    Some(u32::try_from(n.min(u64::from(MAX_TICKS))).unwrap_or(MAX_TICKS))
+    text.truncate(bytes);
+    text
+}
+
+/// What the history keeps of a large `text`: all of it up to [`LARGE_HISTORY_BYTES`], else
+/// that many bytes and a note giving the streamed size.
+pub fn history_text(text: &str) -> String {
+    if text.len() <= LARGE_HISTORY_BYTES {
+        return text.to_string();
+    }
+    let mut cut = LARGE_HISTORY_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(
+        "{}... [ma-emulator: history keeps the first {cut} of the {} bytes streamed]",
+        &text[..cut],
+        text.len()
+    )
+}
+
+/// The SSE frame of a large `agent.message`, formatted in one allocation. `text` is
+/// spliced into the JSON verbatim, so it must need no escaping (see [`filler`]).
+pub fn large_frame(id: &str, created_at: &str, text: &str) -> String {
+    let event = |text: &str| {
+        json!({
+            "id": id,
+            "type": "agent.message",
+            "content": [{"type": "text", "text": text}],
+            "created_at": created_at,
+            "processed_at": created_at,
+        })
+        .to_string()
+    };
+    let skeleton = event(TEXT_PLACEHOLDER);
+    let Some((head, tail)) = skeleton.split_once(TEXT_PLACEHOLDER) else {
+        return sse::format_frame("agent.message", &event(text));
+    };
+    const NAME: &str = "event: agent.message\ndata: ";
+    let mut frame = String::with_capacity(NAME.len() + head.len() + text.len() + tail.len() + 2);
+    frame.push_str(NAME);
+    frame.push_str(head);
+    frame.push_str(text);
+    frame.push_str(tail);
+    frame.push_str("\n\n");
+    frame
 }
 
 /// Whether `text` contains the word "tool" (case-insensitive, whole word).
@@ -218,6 +332,7 @@ impl Turn<'_> {
         match classify(&turn.text) {
             TurnKind::Ticker(n) => self.ticker(&turn.text, index, n)?,
             TurnKind::Reply { tool } => self.reply(&turn.text, index, tool)?,
+            TurnKind::Large { events, kib } => self.large(&turn.text, index, events, kib)?,
         }
         self.pause();
         self.with_store(|s| {
@@ -274,6 +389,59 @@ impl Turn<'_> {
             self.agent_message(|| format!("tick {i} sent_at_ms {}", unix_millis()))?;
         }
         self.end_request(&start_id, model_usage(text, index, 0))
+    }
+
+    fn large(&self, text: &str, index: u64, events: u32, kib: u32) -> Result<(), Gone> {
+        let start_id = self.start_request()?;
+        let body = filler(usize::try_from(kib).unwrap_or(0) * 1024);
+        let kept = history_text(&body);
+        self.pause();
+        for _ in 0..events {
+            if !self.await_streams()? {
+                break;
+            }
+            self.large_message(&body, &kept)?;
+        }
+        self.end_request(&start_id, model_usage(text, index, 0))
+    }
+
+    /// Blocks until every open stream has at most [`LARGE_BACKLOG_BYTES`] queued; false
+    /// when the turn was interrupted (or the session deleted) meanwhile.
+    fn await_streams(&self) -> Result<bool, Gone> {
+        let sid = self.session_id;
+        let gauges = self.with_store(|s| s.sessions.get(sid).map(|x| x.broadcaster.gauges()))?;
+        Ok(sse::wait_for_backlog(&gauges, LARGE_BACKLOG_BYTES, || {
+            self.interrupted()
+        }))
+    }
+
+    /// Streams one large `agent.message` with the full `text`; the history gets `kept`.
+    /// The frame is built before taking the store lock.
+    fn large_message(&self, text: &str, kept: &str) -> Result<(), Gone> {
+        let sid = self.session_id;
+        let id = self.app.ids.next("sevt_");
+        let now = now_rfc3339();
+        let frame = Arc::new(large_frame(&id, &now, text));
+        let stored = json!({
+            "id": id,
+            "type": "agent.message",
+            "content": [{"type": "text", "text": kept}],
+            "created_at": now,
+            "processed_at": now,
+        });
+        self.with_store(|s| {
+            let session = s.sessions.get_mut(sid)?;
+            if session.broadcaster.wants_preview("agent.message") {
+                let start = json!({
+                    "type": "event_start",
+                    "event": {"id": id, "type": "agent.message"},
+                });
+                session
+                    .broadcaster
+                    .publish_preview("agent.message", &[("event_start", start.to_string())]);
+            }
+            s.emit_with_frame(sid, stored, &frame)
+        })
     }
 
     fn start_request(&self) -> Result<String, Gone> {
@@ -400,5 +568,51 @@ mod tests {
             classify("emulator:ticker -1"),
             TurnKind::Reply { tool: false }
         );
+        assert_eq!(
+            classify("emulator:large 50 1024"),
+            TurnKind::Large {
+                events: 50,
+                kib: 1024
+            }
+        );
+        assert_eq!(
+            classify(" emulator:large 99999 99999 please"),
+            TurnKind::Large {
+                events: MAX_LARGE_EVENTS,
+                kib: MAX_LARGE_KIB
+            }
+        );
+        for not_large in [
+            "emulator:large 5",
+            "emulator:large x 1",
+            "emulator:larger 1 1",
+        ] {
+            assert_eq!(classify(not_large), TurnKind::Reply { tool: false });
+        }
+    }
+
+    #[test]
+    fn large_texts_frames_and_history() {
+        let text = filler(3000);
+        assert_eq!(text.len(), 3000);
+        assert!(text.starts_with("lorem ipsum lorem"));
+        assert_eq!(filler(0), "");
+        let frame = large_frame("sevt_1", "2026-05-01T12:00:00.000000Z", &text);
+        let data = frame
+            .strip_prefix("event: agent.message\ndata: ")
+            .and_then(|f| f.strip_suffix("\n\n"))
+            .unwrap();
+        assert!(!data.contains('\n'));
+        let event: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(event["content"][0]["text"], text.as_str());
+        assert_eq!(event["id"], "sevt_1");
+        assert_eq!(event["processed_at"], "2026-05-01T12:00:00.000000Z");
+        let kept = history_text(&text);
+        assert!(kept.starts_with(&text[..LARGE_HISTORY_BYTES]));
+        assert!(
+            kept.ends_with("first 1024 of the 3000 bytes streamed]"),
+            "{kept}"
+        );
+        assert_eq!(history_text("short"), "short");
     }
 }

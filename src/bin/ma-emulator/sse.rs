@@ -1,12 +1,24 @@
 //! Server-sent events: frame formatting, the per-session [`Broadcaster`] and the [`pump`]
 //! that copies a subscriber's frames onto its HTTP connection.
 //!
-//! Every open stream owns an unbounded channel, so publishing never blocks on a slow or
-//! dead client: a stream whose connection fails stops pumping, drops its receiver, and the
-//! next publish prunes it.
+//! Every open stream owns an unbounded channel, so publishing (done under the store lock)
+//! never blocks on a slow or dead client: a stream whose connection fails stops pumping,
+//! drops its [`Subscription`], and the next publish prunes it.
+//!
+//! Unbounded channels are fine for ordinary events (small, a handful per turn) but not for
+//! the `emulator:large` turn, which may push gigabytes. So every stream also carries a
+//! [`StreamGauge`]: the bytes queued on its channel but not yet written to its socket, and
+//! whether its receiving end is gone. A producer of bulk output calls [`wait_for_backlog`]
+//! (without holding the store lock) before each big frame, i.e. it *blocks* until every
+//! live stream has drained below a limit; dead streams never hold it up, and a stalled
+//! client is cut off by the socket write timeout, which ends its pump and marks it closed.
+//! Frames are reference-counted, so a frame sent to several streams is held in memory once.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::http::ChunkedWriter;
@@ -14,8 +26,8 @@ use crate::http::ChunkedWriter;
 /// One item on a subscriber's channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// A fully formatted SSE frame.
-    Data(String),
+    /// A fully formatted SSE frame (shared by every stream it was sent to).
+    Data(Arc<String>),
     /// The stream must end (the session was deleted).
     End,
 }
@@ -44,10 +56,75 @@ pub fn format_frame(name: &str, json: &str) -> String {
     format!("event: {name}\ndata: {json}\n\n")
 }
 
+/// Flow-control state shared by a stream's publisher side and its pump.
+#[derive(Debug, Default)]
+pub struct StreamGauge {
+    /// Bytes of [`Frame::Data`] sent to the channel and not yet written to the client.
+    queued: AtomicUsize,
+    /// The receiving end was dropped (the pump ended or never started).
+    closed: AtomicBool,
+}
+
+impl StreamGauge {
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn written(&self, bytes: usize) {
+        // Never underflows: every decrement follows the matching increment.
+        let _ = self
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                Some(q.saturating_sub(bytes))
+            });
+    }
+}
+
+/// The receiving end of one stream; dropping it marks the stream closed.
+pub struct Subscription {
+    rx: Receiver<Frame>,
+    gauge: Arc<StreamGauge>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.gauge.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+impl Subscription {
+    pub fn try_recv(&self) -> Result<Frame, mpsc::TryRecvError> {
+        let frame = self.rx.try_recv()?;
+        if let Frame::Data(data) = &frame {
+            self.gauge.written(data.len());
+        }
+        Ok(frame)
+    }
+}
+
 struct Subscriber {
     tx: Sender<Frame>,
     /// Event types this stream asked previews for (`event_deltas[]=`).
     previews: Vec<String>,
+    gauge: Arc<StreamGauge>,
+}
+
+impl Subscriber {
+    /// Queues `frame`; false when the stream is gone.
+    fn send(&self, frame: &Arc<String>) -> bool {
+        self.gauge.queued.fetch_add(frame.len(), Ordering::SeqCst);
+        if self.tx.send(Frame::Data(Arc::clone(frame))).is_ok() {
+            true
+        } else {
+            self.gauge.written(frame.len());
+            false
+        }
+    }
 }
 
 /// The set of open streams of one session.
@@ -58,17 +135,34 @@ pub struct Broadcaster {
 
 impl Broadcaster {
     /// Registers a new stream; it receives only frames published from now on.
-    pub fn subscribe(&mut self, previews: Vec<String>) -> Receiver<Frame> {
+    pub fn subscribe(&mut self, previews: Vec<String>) -> Subscription {
         let (tx, rx) = mpsc::channel();
-        self.subscribers.push(Subscriber { tx, previews });
-        rx
+        let gauge = Arc::new(StreamGauge::default());
+        self.subscribers.push(Subscriber {
+            tx,
+            previews,
+            gauge: Arc::clone(&gauge),
+        });
+        Subscription { rx, gauge }
     }
 
     /// Sends an event frame to every stream, dropping streams that have gone away.
     pub fn publish(&mut self, event_type: &str, json: &str) {
-        let frame = format_frame(event_type, json);
+        self.publish_frame(&Arc::new(format_frame(event_type, json)));
+    }
+
+    /// Sends an already formatted frame to every stream, dropping streams that have gone
+    /// away.
+    pub fn publish_frame(&mut self, frame: &Arc<String>) {
+        self.subscribers.retain(|s| s.send(frame));
+    }
+
+    /// The flow-control gauges of the open streams, for [`wait_for_backlog`].
+    pub fn gauges(&self) -> Vec<Arc<StreamGauge>> {
         self.subscribers
-            .retain(|s| s.tx.send(Frame::Data(frame.clone())).is_ok());
+            .iter()
+            .map(|s| Arc::clone(&s.gauge))
+            .collect()
     }
 
     /// Whether any stream asked for previews of `event_type`.
@@ -87,7 +181,7 @@ impl Broadcaster {
             }
             frames
                 .iter()
-                .all(|(name, json)| s.tx.send(Frame::Data(format_frame(name, json))).is_ok())
+                .all(|(name, json)| s.send(&Arc::new(format_frame(name, json))))
         });
     }
 
@@ -104,14 +198,33 @@ impl Broadcaster {
     }
 }
 
-/// Copies frames from `rx` to `out` until [`Frame::End`], the channel closing, or a write
+/// Blocks until every stream in `gauges` is closed or has at most `limit` bytes queued.
+/// Returns false, without waiting further, as soon as `stop()` holds.
+pub fn wait_for_backlog(
+    gauges: &[Arc<StreamGauge>],
+    limit: usize,
+    stop: impl Fn() -> bool,
+) -> bool {
+    loop {
+        if stop() {
+            return false;
+        }
+        if gauges.iter().all(|g| g.is_closed() || g.queued() <= limit) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Copies frames from `sub` to `out` until [`Frame::End`], the channel closing, or a write
 /// error; emits a heartbeat every `heartbeat` (none when `None`).
 pub fn pump(
-    rx: &Receiver<Frame>,
+    sub: &Subscription,
     out: &mut ChunkedWriter<'_>,
     heartbeat: Option<Duration>,
     kind: HeartbeatKind,
 ) -> io::Result<()> {
+    let rx = &sub.rx;
     let mut next_beat = heartbeat.map(|every| Instant::now() + every);
     loop {
         let received = match next_beat {
@@ -126,7 +239,10 @@ pub fn pump(
             },
         };
         match received {
-            Some(Frame::Data(frame)) => out.send(frame.as_bytes())?,
+            Some(Frame::Data(frame)) => {
+                out.send(frame.as_bytes())?;
+                sub.gauge.written(frame.len());
+            }
             Some(Frame::End) => return Ok(()),
             None => {
                 out.send(kind.frame().as_bytes())?;
@@ -163,19 +279,51 @@ mod tests {
         b.publish_preview("agent.message", &[("event_start", "{}".into())]);
         assert_eq!(
             live.try_recv().unwrap(),
-            Frame::Data(format_frame("x", "{}"))
+            Frame::Data(format_frame("x", "{}").into())
         );
         assert!(live.try_recv().is_err());
         assert_eq!(
             preview.try_recv().unwrap(),
-            Frame::Data(format_frame("x", "{}"))
+            Frame::Data(format_frame("x", "{}").into())
         );
         assert_eq!(
             preview.try_recv().unwrap(),
-            Frame::Data(format_frame("event_start", "{}"))
+            Frame::Data(format_frame("event_start", "{}").into())
         );
         b.close();
         assert_eq!(live.try_recv().unwrap(), Frame::End);
+    }
+
+    #[test]
+    fn gauges_count_queued_bytes_and_release_waiters() {
+        let mut b = Broadcaster::default();
+        let slow = b.subscribe(vec![]);
+        let gone = b.subscribe(vec![]);
+        let gauges = b.gauges();
+        let frame = Arc::new("x".repeat(1000));
+        for _ in 0..3 {
+            b.publish_frame(&frame);
+        }
+        assert_eq!(gauges[0].queued(), 3000);
+        assert!(!gauges[1].is_closed());
+        drop(gone);
+        assert!(gauges[1].is_closed());
+        b.publish_frame(&frame);
+        assert_eq!(b.len(), 1, "the dropped stream is pruned");
+        // Over the limit and nobody reading: only `stop` ends the wait.
+        assert!(!wait_for_backlog(&gauges, 2500, || true));
+        let waiter = {
+            let gauges = gauges.clone();
+            std::thread::spawn(move || wait_for_backlog(&gauges, 2500, || false))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!waiter.is_finished());
+        slow.try_recv().unwrap();
+        slow.try_recv().unwrap();
+        assert_eq!(gauges[0].queued(), 2000);
+        assert!(waiter.join().unwrap());
+        drop(slow);
+        assert!(wait_for_backlog(&gauges, 0, || false));
     }
 
     #[test]

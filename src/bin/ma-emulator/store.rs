@@ -220,6 +220,26 @@ impl Store {
         Some(event)
     }
 
+    /// Persists `stored` (already carrying `id`, `created_at` and `processed_at`) in the
+    /// session's history but broadcasts the preformatted SSE `frame` instead of `stored`'s
+    /// serialization. Used by `emulator:large`, whose streamed events are far bigger than
+    /// what the history keeps. Returns `None` if the session no longer exists.
+    pub fn emit_with_frame(
+        &mut self,
+        session_id: &str,
+        stored: Value,
+        frame: &Arc<String>,
+    ) -> Option<()> {
+        if !self.sessions.contains_key(session_id) {
+            return None;
+        }
+        let seq = self.next_seq();
+        let session = self.sessions.get_mut(session_id)?;
+        session.events.push(Rec { seq, value: stored });
+        session.broadcaster.publish_frame(frame);
+        Some(())
+    }
+
     /// Marks a queued user event processed and broadcasts its second echo.
     pub fn mark_processed(&mut self, session_id: &str, event_id: &str) -> Option<Value> {
         let session = self.sessions.get_mut(session_id)?;

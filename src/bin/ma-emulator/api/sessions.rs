@@ -517,7 +517,7 @@ pub(super) fn open_stream(app: &App, req: &Request, id: &str) -> ApiResult {
         .into_iter()
         .map(str::to_string)
         .collect();
-    let rx = {
+    let sub = {
         let mut store = app.store();
         let session = store
             .sessions
@@ -533,7 +533,7 @@ pub(super) fn open_stream(app: &App, req: &Request, id: &str) -> ApiResult {
             ("content-type".into(), "text/event-stream".into()),
             ("cache-control".into(), "no-cache".into()),
         ],
-        body: Box::new(move |out| sse::pump(&rx, out, heartbeat, kind)),
+        body: Box::new(move |out| sse::pump(&sub, out, heartbeat, kind)),
     }))
 }
 

@@ -433,6 +433,92 @@ fn streams_see_new_events_and_end_on_delete() {
 }
 
 #[test]
+fn large_turn_streams_full_texts_keeps_history_small_and_meters() {
+    let s = server();
+    let sid = setup(&s);
+    let Reply::Stream(stream) = s.handle(request(
+        "GET",
+        &format!("/v1/sessions/{sid}/events/stream"),
+        GOOD,
+        "",
+    )) else {
+        panic!("expected a stream");
+    };
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut chunks = ChunkedWriter::new(&mut out);
+        (stream.body)(&mut chunks).unwrap();
+        String::from_utf8(out).unwrap()
+    });
+    let command = "emulator:large 5 3";
+    call(
+        &s,
+        "POST",
+        &format!("/v1/sessions/{sid}/events"),
+        json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": command}]}]}),
+    );
+    wait_idle(&s, &sid);
+    let mut expected = vec![
+        "user.message",
+        "session.status_running",
+        "span.model_request_start",
+    ];
+    expected.extend(["agent.message"; 5]);
+    expected.extend([
+        "span.model_request_end",
+        "session.usage",
+        "session.status_idle",
+    ]);
+    assert_eq!(event_types(&s, &sid), expected);
+
+    // The history keeps 1 KiB of each 3 KiB text, plus a note.
+    let (_, page) = call(
+        &s,
+        "GET",
+        &format!("/v1/sessions/{sid}/events?types[]=agent.message&limit=100"),
+        Value::Null,
+    );
+    let kept = page["data"].as_array().unwrap();
+    assert_eq!(kept.len(), 5);
+    let kept_text = kept[0]["content"][0]["text"].as_str().unwrap();
+    assert!(kept_text.starts_with(&script::filler(script::LARGE_HISTORY_BYTES)));
+    assert!(kept_text.contains("3072 bytes streamed"), "{kept_text}");
+
+    // Metered exactly like a one-request turn.
+    let usage = script::model_usage(command, 0, 0);
+    let (_, truth) = call(&s, "GET", &format!("/_emulator/usage/{sid}"), Value::Null);
+    assert_eq!(truth["model_requests"], 1);
+    assert_eq!(truth["input_tokens"], usage.input_tokens);
+    assert_eq!(truth["output_tokens"], usage.output_tokens);
+    assert_eq!(truth["cache_creation_input_tokens"], 50);
+    assert_eq!(truth["active_seconds"], script::ACTIVE_SECONDS_PER_REQUEST);
+    let (_, spans) = call(
+        &s,
+        "GET",
+        &format!("/v1/sessions/{sid}/events?types[]=span.model_request_end"),
+        Value::Null,
+    );
+    assert_eq!(spans["data"][0]["model_usage"], usage.to_json());
+    assert_eq!(truth["span_event_ids"][0], spans["data"][0]["id"]);
+
+    // The stream carries the full texts, with the history's ids, as one-line JSON.
+    call(&s, "DELETE", &format!("/v1/sessions/{sid}"), Value::Null);
+    let text = reader.join().unwrap();
+    let full = script::filler(3 * 1024);
+    let streamed: Vec<Value> = text
+        .split("event: agent.message\ndata: ")
+        .skip(1)
+        .map(|rest| serde_json::from_str(rest.split_once('\n').unwrap().0).unwrap())
+        .collect();
+    assert_eq!(streamed.len(), 5);
+    for (event, stored) in streamed.iter().zip(kept) {
+        assert_eq!(event["content"][0]["text"], full.as_str());
+        assert_eq!(event["id"], stored["id"]);
+        assert_eq!(event["created_at"], stored["created_at"]);
+    }
+}
+
+#[test]
 fn credentials_never_echo_secrets() {
     let s = server();
     let (_, vault) = call(&s, "POST", "/v1/vaults", json!({"display_name": "v"}));
