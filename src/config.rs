@@ -11,6 +11,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::accounting::Limits;
+use crate::credentials::DEFAULT_CREDENTIAL;
 use crate::pricing::PriceTable;
 use crate::routes::{Neighbour, RouteRules};
 use crate::scopes::Scope;
@@ -52,6 +53,8 @@ pub struct Plan {
     pub gateway_keys: Vec<GatewayKey>,
     /// Declared tenants. Empty: every tenant may do everything (single-team deployments).
     pub tenants: Vec<Tenant>,
+    /// Named upstream credentials; always contains `default`.
+    pub credentials: Vec<CredentialSource>,
     pub metering: Metering,
 }
 
@@ -67,6 +70,14 @@ impl Plan {
             .find(|t| t.name == tenant)
             .map(|t| t.scopes.clone())
             .unwrap_or_default()
+    }
+
+    /// The credential a tenant's calls use.
+    pub fn tenant_credential(&self, tenant: &str) -> &str {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .map_or(DEFAULT_CREDENTIAL, |t| t.credential.as_str())
     }
 }
 
@@ -134,11 +145,40 @@ pub struct GatewayKey {
     pub scopes: Option<Vec<Scope>>,
 }
 
-/// A tenant: the unit of isolation, scopes and (later) upstream credentials.
+/// A tenant: the unit of isolation, scopes and upstream credentials.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tenant {
     pub name: String,
     pub scopes: Vec<Scope>,
+    /// Name of the upstream credential its calls use (e.g. its own workspace key).
+    pub credential: String,
+}
+
+/// Where a named upstream credential comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialSource {
+    pub name: String,
+    pub origin: Origin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// An environment variable of the Envoy process, exposed to the VM with
+    /// `vm_config.environment_variables.host_env_keys`, read at VM start.
+    Env(String),
+    /// A HashiCorp Vault KV v2 secret, polled by the background service.
+    Vault(VaultSource),
+}
+
+/// `GET <path>` on `cluster` with `X-Vault-Token: $<token_env>`, key at `data.data.<field>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultSource {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub field: String,
+    pub token_env: String,
+    pub refresh_secs: u64,
 }
 
 /// The tenant a key belongs to when its config names none.
@@ -164,7 +204,8 @@ impl Plan {
         let upstream = parse_upstream(root.opt_obj("upstream")?)?;
         let betas = parse_betas(root.opt_obj("betas")?)?;
         let routes = parse_routes(root.opt_obj("routes")?)?;
-        let tenants = parse_tenants(&mut root)?;
+        let credentials = parse_credentials(&mut root, &upstream)?;
+        let tenants = parse_tenants(&mut root, &credentials)?;
         let gateway_keys = parse_gateway_keys(&mut root, &tenants)?;
         let metering = parse_metering(root.opt_obj("metering")?)?;
         root.finish()?;
@@ -174,6 +215,7 @@ impl Plan {
             routes,
             gateway_keys,
             tenants,
+            credentials,
             metering,
         })
     }
@@ -332,7 +374,91 @@ fn parse_metering(obj: Option<Obj>) -> Result<Metering, ConfigError> {
     Ok(metering)
 }
 
-fn parse_tenants(root: &mut Obj) -> Result<Vec<Tenant>, ConfigError> {
+fn parse_credentials(
+    root: &mut Obj,
+    upstream: &Upstream,
+) -> Result<Vec<CredentialSource>, ConfigError> {
+    let mut sources: Vec<CredentialSource> = Vec::new();
+    for (i, item) in root
+        .opt_array("credentials")?
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let mut obj = Obj::new(item, format!("credentials[{i}]"))?;
+        let name = obj.req_str("name")?;
+        if !is_name(&name) {
+            return Err(obj.error_at("name", "expected a non-empty name of [A-Za-z0-9_.-]"));
+        }
+        if sources.iter().any(|c| c.name == name) {
+            return Err(obj.error_at("name", format!("duplicate credential {name:?}")));
+        }
+        let env = obj.opt_str("env")?;
+        let vault = obj.opt_obj("vault")?;
+        let origin = match (env, vault) {
+            (Some(var), None) if is_env_name(&var) => Origin::Env(var),
+            (Some(_), None) => {
+                return Err(obj.error_at(
+                    "env",
+                    "expected an environment variable name ([A-Za-z0-9_]+), not a key",
+                ))
+            }
+            (None, Some(vault)) => Origin::Vault(parse_vault(vault)?),
+            _ => return Err(obj.error_at("env", "exactly one of env or vault is required")),
+        };
+        obj.finish()?;
+        sources.push(CredentialSource { name, origin });
+    }
+    if !sources.iter().any(|c| c.name == DEFAULT_CREDENTIAL) {
+        sources.insert(
+            0,
+            CredentialSource {
+                name: DEFAULT_CREDENTIAL.into(),
+                origin: Origin::Env(upstream.credential_env.clone()),
+            },
+        );
+    }
+    Ok(sources)
+}
+
+fn parse_vault(mut obj: Obj) -> Result<VaultSource, ConfigError> {
+    let cluster = obj.req_str("cluster")?;
+    let authority = obj.req_str("authority")?;
+    let path = obj.req_str("path")?;
+    if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(obj.error_at(
+            "path",
+            "expected an absolute path such as /v1/secret/data/anthropic/team",
+        ));
+    }
+    let field = obj.opt_str("field")?.unwrap_or_else(|| "api_key".into());
+    let token_env = obj.req_str("token_env")?;
+    if !is_env_name(&token_env) {
+        return Err(obj.error_at(
+            "token_env",
+            "expected an environment variable name, not a token",
+        ));
+    }
+    let refresh_secs = obj.opt_uint("refresh_secs", 1, 86_400)?.unwrap_or(300) as u64;
+    obj.finish()?;
+    Ok(VaultSource {
+        cluster,
+        authority,
+        path,
+        field,
+        token_env,
+        refresh_secs,
+    })
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn parse_tenants(
+    root: &mut Obj,
+    credentials: &[CredentialSource],
+) -> Result<Vec<Tenant>, ConfigError> {
     let Some(items) = root.opt_array("tenants")? else {
         return Ok(Vec::new());
     };
@@ -347,8 +473,21 @@ fn parse_tenants(root: &mut Obj) -> Result<Vec<Tenant>, ConfigError> {
             return Err(obj.error_at("name", format!("duplicate tenant {name:?}")));
         }
         let scopes = parse_scopes(&mut obj, "scopes")?.unwrap_or_else(|| vec![Scope::ALL]);
+        let credential = obj
+            .opt_str("credential")?
+            .unwrap_or_else(|| DEFAULT_CREDENTIAL.into());
+        if !credentials.iter().any(|c| c.name == credential) {
+            return Err(obj.error_at(
+                "credential",
+                format!("credential {credential:?} is not declared in credentials"),
+            ));
+        }
         obj.finish()?;
-        tenants.push(Tenant { name, scopes });
+        tenants.push(Tenant {
+            name,
+            scopes,
+            credential,
+        });
     }
     Ok(tenants)
 }
@@ -642,6 +781,25 @@ mod tests {
         assert_eq!(plan.tenant_scopes("nobody"), vec![]);
         let open = Plan::from_json(br#"{"api_version":"v1"}"#).unwrap();
         assert_eq!(open.tenant_scopes("anyone"), vec![Scope::ALL]);
+        assert_eq!(
+            open.credentials,
+            vec![CredentialSource {
+                name: "default".into(),
+                origin: Origin::Env("ANTHROPIC_API_KEY".into())
+            }]
+        );
+        let json = br#"{"api_version":"v1",
+            "credentials":[{"name":"research","env":"RESEARCH_KEY"},
+                           {"name":"vaulted","vault":{"cluster":"vault","authority":"vault:8200","path":"/v1/secret/data/a","token_env":"VAULT_TOKEN","refresh_secs":5}}],
+            "tenants":[{"name":"r","credential":"research"},{"name":"v","credential":"vaulted"},{"name":"d"}]}"#;
+        let plan = Plan::from_json(json).unwrap();
+        assert_eq!(plan.credentials.len(), 3);
+        assert_eq!(plan.tenant_credential("r"), "research");
+        assert_eq!(plan.tenant_credential("d"), "default");
+        assert_eq!(plan.tenant_credential("unknown"), "default");
+        assert!(
+            matches!(&plan.credentials[2].origin, Origin::Vault(v) if v.refresh_secs == 5 && v.field == "api_key")
+        );
     }
 
     #[test]
@@ -749,6 +907,24 @@ mod tests {
         assert_eq!(
             err(r#"{"api_version":"v1","tenants":[{"name":"a","scopes":["x"]}]}"#),
             "config error at tenants[0].scopes[0]: scope \"x\" is not family:action"
+        );
+        assert_eq!(
+            err(r#"{"api_version":"v1","tenants":[{"name":"a","credential":"nope"}]}"#),
+            "config error at tenants[0].credential: credential \"nope\" is not declared in credentials"
+        );
+        assert_eq!(
+            err(r#"{"api_version":"v1","credentials":[{"name":"x"}]}"#),
+            "config error at credentials[0].env: exactly one of env or vault is required"
+        );
+        assert_eq!(
+            err(
+                r#"{"api_version":"v1","credentials":[{"name":"x","vault":{"cluster":"v","authority":"v","path":"/p"}}]}"#
+            ),
+            "config error at credentials[0].vault.token_env: missing (a string is required)"
+        );
+        assert_eq!(
+            err(r#"{"api_version":"v1","credentials":[{"name":"x","env":"sk-ant-abc"}]}"#),
+            "config error at credentials[0].env: expected an environment variable name ([A-Za-z0-9_]+), not a key"
         );
         assert_eq!(
             err(r#"{"api_version":"v1","tenants":[{"name":"a"},{"name":"a"}]}"#),

@@ -9,9 +9,74 @@
 //! The record remembers where the key came from, so re-seeding from the environment at a VM
 //! (re)start never overwrites a key that was rotated in since.
 
-/// Shared-data key of the default upstream credential. Per-tenant credentials will sit beside
-/// it as `ma_gateway.credential.<name>`.
-pub const DEFAULT_CREDENTIAL_SLOT: &str = "ma_gateway.credential.default";
+/// The credential every tenant uses unless its config names another.
+pub const DEFAULT_CREDENTIAL: &str = "default";
+
+/// Shared-data key of the named upstream credential.
+pub fn slot(name: &str) -> String {
+    format!("ma_gateway.credential.{name}")
+}
+
+/// Shared-data key recording which credential a session was created with.
+pub fn affinity_key(session_id: &str) -> String {
+    format!("ma_gateway.affinity.{session_id}")
+}
+
+/// Where the gateway reads keys and session affinities from (shared data in Envoy).
+pub trait KeyRing {
+    /// The current key of a named credential.
+    fn key(&self, credential: &str) -> Option<String>;
+    /// The credential a session was created with, if recorded.
+    fn affinity(&self, session_id: &str) -> Option<String>;
+}
+
+/// Which credential a call uses: the one its session was created with (so a session keeps its
+/// workspace even if the tenant's mapping changes), else the tenant's.
+pub fn choose<'a>(tenant_credential: &'a str, session_affinity: Option<&'a str>) -> &'a str {
+    session_affinity.unwrap_or(tenant_credential)
+}
+
+/// The key a HashiCorp Vault KV v2 read returns for `field`: the body is
+/// `{"data":{"data":{"<field>":"<key>",…},"metadata":{…}}}`.
+pub fn parse_vault_kv2(body: &[u8], field: &str) -> Result<String, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let key = value
+        .pointer("/data/data")
+        .and_then(|d| d.get(field))
+        .ok_or_else(|| format!("no data.data.{field} in the secret"))?
+        .as_str()
+        .ok_or_else(|| format!("data.data.{field} is not a string"))?;
+    if is_usable_key(key) {
+        Ok(key.to_string())
+    } else {
+        Err(format!("data.data.{field} is not a usable key"))
+    }
+}
+
+/// Seconds until the next refresh of a polled secret: `every` after a success; after `failures`
+/// consecutive failures, exponential from 1 s capped at `every`; both with ±20 % jitter drawn
+/// from `seed` so replicas do not poll in lockstep.
+pub fn next_refresh_secs(every: u64, failures: u32, seed: u64) -> u64 {
+    let base = if failures == 0 {
+        every
+    } else {
+        1u64.checked_shl(failures.min(16))
+            .unwrap_or(u64::MAX)
+            .min(every)
+    }
+    .max(1);
+    // xorshift of the seed → a spread of ±20 % around base.
+    let mut x = seed | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let spread = base / 5;
+    if spread == 0 {
+        return base;
+    }
+    base - spread + x % (2 * spread + 1)
+}
 
 /// Where a stored credential came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +197,49 @@ mod tests {
         assert!(should_seed(Some(&env("old")), &env("a")));
         assert!(!should_seed(Some(&env("a")), &env("a")));
         assert!(!should_seed(Some(&rotated), &env("a")));
+    }
+
+    #[test]
+    fn affinity_wins_over_the_tenant_mapping() {
+        assert_eq!(choose("team", Some("default")), "default");
+        assert_eq!(choose("team", None), "team");
+        assert_eq!(slot("team"), "ma_gateway.credential.team");
+    }
+
+    #[test]
+    fn vault_kv2_bodies() {
+        let body = br#"{"request_id":"x","data":{"data":{"api_key":"sk-ant-1"},"metadata":{"version":3}}}"#;
+        assert_eq!(parse_vault_kv2(body, "api_key"), Ok("sk-ant-1".to_string()));
+        assert_eq!(
+            parse_vault_kv2(body, "other"),
+            Err("no data.data.other in the secret".to_string())
+        );
+        assert_eq!(
+            parse_vault_kv2(br#"{"data":{"data":{"api_key":7}}}"#, "api_key"),
+            Err("data.data.api_key is not a string".to_string())
+        );
+        assert_eq!(
+            parse_vault_kv2(br#"{"data":{"data":{"api_key":"a b"}}}"#, "api_key"),
+            Err("data.data.api_key is not a usable key".to_string())
+        );
+        assert!(parse_vault_kv2(b"<html>", "api_key")
+            .unwrap_err()
+            .starts_with("not JSON"));
+    }
+
+    #[test]
+    fn refresh_backs_off_with_bounded_jitter() {
+        for seed in 0..200 {
+            let ok = next_refresh_secs(300, 0, seed);
+            assert!((240..=360).contains(&ok), "{ok}");
+            let third_failure = next_refresh_secs(300, 3, seed);
+            assert!((7..=9).contains(&third_failure), "{third_failure}");
+            assert!(next_refresh_secs(300, 30, seed) <= 360);
+        }
+        assert_eq!(next_refresh_secs(1, 0, 5), 1);
+        let spread: std::collections::HashSet<u64> =
+            (0..50).map(|s| next_refresh_secs(300, 0, s)).collect();
+        assert!(spread.len() > 10, "jitter must spread replicas");
     }
 
     #[test]

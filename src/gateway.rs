@@ -5,11 +5,12 @@
 //! forward the call or the [`ApiError`] to answer with. Authentication comes first so that an
 //! anonymous caller learns nothing about which paths exist.
 
-use crate::config::Plan;
+use crate::config::{Origin, Plan};
+use crate::credentials::{choose, KeyRing};
 use crate::errors::{excerpt, ApiError, ErrorKind};
 use crate::headers::{rewrite_request, HeaderEdit};
 use crate::identity::{authenticate, presented_key, Principal};
-use crate::routes::{classify, Operation};
+use crate::routes::{classify, IdKind, Operation};
 use crate::scopes::authorize;
 
 /// What the glue read from the host for one request.
@@ -42,16 +43,17 @@ pub fn header_value<'h>(headers: &'h [(String, String)], name: &str) -> Option<&
 pub struct Admitted {
     pub operation: Operation,
     pub principal: Principal,
+    /// Name of the upstream credential used (recorded as the session's affinity on create).
+    pub credential: String,
     /// Header edits to apply, in order.
     pub edits: Vec<HeaderEdit>,
 }
 
-/// Decides one request at `now_secs`. `credential` is the upstream key currently in shared
-/// data, if any.
+/// Decides one request at `now_secs`; upstream keys and session affinities come from `keys`.
 pub fn admit(
     plan: &Plan,
     head: &RequestHead<'_>,
-    credential: Option<&str>,
+    keys: &dyn KeyRing,
     now_secs: u64,
 ) -> Result<Admitted, ApiError> {
     let presented = presented_key(head.header("x-api-key"), head.header("authorization"));
@@ -72,19 +74,28 @@ pub fn admit(
         principal.scopes.as_deref(),
         &operation,
     )?;
-    let credential = credential.ok_or_else(|| {
+    let affinity = operation.id(IdKind::Session).and_then(|s| keys.affinity(s));
+    let credential = choose(
+        plan.tenant_credential(&principal.tenant),
+        affinity.as_deref(),
+    )
+    .to_string();
+    let key = keys.key(&credential).ok_or_else(|| {
+        let hint = match plan.credentials.iter().find(|c| c.name == credential).map(|c| &c.origin) {
+            Some(Origin::Env(var)) => format!("set {var} in Envoy's environment"),
+            Some(Origin::Vault(vault)) => format!("its Vault secret {} has not been read yet", vault.path),
+            None => "it is not configured".to_string(),
+        };
         ApiError::new(
             ErrorKind::Unavailable,
-            format!(
-                "the gateway has no upstream credential configured (set {} in Envoy's environment); nothing was forwarded",
-                plan.upstream.credential_env
-            ),
+            format!("the gateway has no upstream credential {credential:?} ({hint}); nothing was forwarded"),
         )
     })?;
-    let edits = rewrite_request(plan, head.headers, credential)?;
+    let edits = rewrite_request(plan, head.headers, &key)?;
     Ok(Admitted {
         operation,
         principal,
+        credential,
         edits,
     })
 }
@@ -110,6 +121,18 @@ mod tests {
             .collect()
     }
 
+    /// One key for every credential name, no affinities.
+    struct OneKey(Option<String>);
+
+    impl KeyRing for OneKey {
+        fn key(&self, _credential: &str) -> Option<String> {
+            self.0.clone()
+        }
+        fn affinity(&self, _session_id: &str) -> Option<String> {
+            None
+        }
+    }
+
     fn run(
         method: &str,
         path: &str,
@@ -124,7 +147,7 @@ mod tests {
                 path,
                 headers: &headers,
             },
-            credential,
+            &OneKey(credential.map(str::to_string)),
             0,
         )
     }
@@ -214,6 +237,9 @@ mod tests {
     #[test]
     fn missing_credential_message_names_the_variable() {
         let err = run("GET", "/v1/agents", &[("x-api-key", "gw-key")], None).unwrap_err();
-        assert!(err.message.contains("ANTHROPIC_API_KEY"), "{}", err.message);
+        assert_eq!(
+            err.message,
+            "the gateway has no upstream credential \"default\" (set ANTHROPIC_API_KEY in Envoy's environment); nothing was forwarded"
+        );
     }
 }

@@ -7,10 +7,11 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 
-use super::credentials;
+use super::credentials::SharedKeys;
 use super::metrics::Metrics;
 use super::store::SharedData;
 use crate::config::Plan;
+use crate::credentials::{choose, KeyRing};
 use crate::metering::{MeterContext, ResponseMeter};
 use crate::reconcile;
 
@@ -19,7 +20,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends the lookup; `None` (logged) when there is no credential or the host refuses.
 pub fn dispatch(plan: &Plan, session_id: &str) -> Option<u32> {
-    let credential = credentials::current_key()?;
+    let credential = SharedKeys.key(&credential_for_session(plan, session_id))?;
     let headers = reconcile::session_request(plan, session_id, &credential);
     let headers: Vec<(&str, &str)> = headers
         .iter()
@@ -41,6 +42,14 @@ pub fn dispatch(plan: &Plan, session_id: &str) -> Option<u32> {
             None
         }
     }
+}
+
+/// The credential a lookup of `session_id` uses: the session's own (affinity), else the
+/// tenant's its usage is attributed to.
+fn credential_for_session(plan: &Plan, session_id: &str) -> String {
+    let affinity = SharedKeys.affinity(session_id);
+    let tenant = reconcile::tenant_of(&SharedData, session_id).unwrap_or_default();
+    choose(plan.tenant_credential(&tenant), affinity.as_deref()).to_string()
 }
 
 /// Meters the answer of a lookup (call from `on_http_call_response`).

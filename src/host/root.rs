@@ -1,11 +1,13 @@
 //! The root context, in one of two roles chosen by its `root_id`:
 //!
 //! - the HTTP filter (`ma_gateway`): `on_configure` parses → validates → compiles the plugin
-//!   JSON into a [`Plan`], seeds the upstream credential into shared data, and hands the plan
-//!   to every stream;
-//! - the reconciler (`ma_gateway_reconciler`, a singleton `envoy.bootstrap.wasm` service with
-//!   the same `vm_id`, so it sees the same shared data): on each tick it polls a batch of known
-//!   sessions and meters their cumulative usage, and compacts idle accounting records.
+//!   JSON into a [`Plan`], seeds environment-sourced credentials into shared data, and hands
+//!   the plan to every stream;
+//! - the background service (`ma_gateway_reconciler`, a singleton `envoy.bootstrap.wasm`
+//!   service with the same `vm_id`, so it sees the same shared data). Every second it checks
+//!   its duties: refresh Vault-backed credentials that are due (with backoff and jitter), and
+//!   every `metering.reconcile_interval_secs` poll a batch of known sessions and meter their
+//!   cumulative usage, compacting idle accounting records.
 //!
 //! A config error is logged with its field path and rejects the config (returns false).
 
@@ -16,7 +18,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType};
+use proxy_wasm::types::{BufferType, ContextType, MapType};
 
 use super::credentials;
 use super::lookup;
@@ -24,19 +26,32 @@ use super::metrics::Metrics;
 use super::store::SharedData;
 use super::stream::GatewayStream;
 use crate::accounting;
-use crate::config::Plan;
+use crate::config::{Origin, Plan, VaultSource};
+use crate::credentials::{next_refresh_secs, parse_vault_kv2};
 use crate::reconcile::{self, RECONCILER_ROOT_ID};
+
+/// Upper bound on one call to Vault.
+const VAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct GatewayRoot {
     context_id: u32,
     plan: Option<Rc<Plan>>,
     /// One metric registry per VM, shared by its streams.
     metrics: Rc<RefCell<Metrics>>,
-    reconciler: bool,
-    /// Reconciler: where the next batch starts in the session index.
+    /// Background service: where the next batch starts in the session index.
     cursor: usize,
-    /// Reconciler: lookups in flight, by call token.
-    in_flight: HashMap<u32, String>,
+    /// Background service: when the next session batch is due (Unix seconds).
+    next_reconcile: u64,
+    /// Background service: per Vault-backed credential, (next due, consecutive failures).
+    vault_schedule: HashMap<String, (u64, u32)>,
+    /// Background service: calls in flight, by call token.
+    in_flight: HashMap<u32, Pending>,
+}
+
+/// What a dispatched call was for.
+enum Pending {
+    Session(String),
+    Vault(String),
 }
 
 impl GatewayRoot {
@@ -45,11 +60,106 @@ impl GatewayRoot {
             context_id,
             plan: None,
             metrics: Rc::new(RefCell::new(Metrics::default())),
-            reconciler: false,
             cursor: 0,
+            next_reconcile: 0,
+            vault_schedule: HashMap::new(),
             in_flight: HashMap::new(),
         }
     }
+
+    /// Polls the Vault-backed credentials that are due, at most one call each in flight.
+    fn refresh_vault_credentials(&mut self, plan: &Plan, now: u64) {
+        for source in &plan.credentials {
+            let Origin::Vault(vault) = &source.origin else {
+                continue;
+            };
+            let due = self
+                .vault_schedule
+                .get(&source.name)
+                .map_or(0, |(due, _)| *due);
+            let busy = self
+                .in_flight
+                .values()
+                .any(|p| matches!(p, Pending::Vault(n) if *n == source.name));
+            if now < due || busy {
+                continue;
+            }
+            match dispatch_vault(vault) {
+                Ok(token) => {
+                    self.in_flight
+                        .insert(token, Pending::Vault(source.name.clone()));
+                }
+                Err(why) => {
+                    log::warn!("credential {}: Vault not polled: {why}", source.name);
+                    self.schedule_vault(vault, &source.name, now, false);
+                }
+            }
+        }
+    }
+
+    /// When a Vault credential is next polled: its period after a success, backing off
+    /// exponentially after failures; jittered so replicas do not poll in lockstep.
+    fn schedule_vault(&mut self, vault: &VaultSource, name: &str, now: u64, ok: bool) {
+        let failures = if ok {
+            0
+        } else {
+            self.vault_schedule
+                .get(name)
+                .map_or(1, |(_, f)| f.saturating_add(1))
+        };
+        let seed = now ^ (u64::from(self.context_id) << 32) ^ (name.len() as u64);
+        let next = now + next_refresh_secs(vault.refresh_secs, failures, seed);
+        self.vault_schedule
+            .insert(name.to_string(), (next, failures));
+    }
+
+    fn on_vault_response(&mut self, plan: &Plan, name: &str, body_size: usize) {
+        let Some(vault) = plan.credentials.iter().find_map(|c| match &c.origin {
+            Origin::Vault(v) if c.name == name => Some(v.clone()),
+            _ => None,
+        }) else {
+            return;
+        };
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let result = match status.as_deref() {
+            Some("200") => parse_vault_kv2(&body, &vault.field),
+            other => Err(format!(
+                "Vault answered {}",
+                other.unwrap_or("nothing (timeout or reset)")
+            )),
+        };
+        let ok = match result {
+            Ok(key) => {
+                credentials::store_rotated(name, &key);
+                true
+            }
+            Err(why) => {
+                log::warn!("credential {name}: Vault refresh failed: {why}");
+                false
+            }
+        };
+        self.schedule_vault(&vault, name, now_secs(), ok);
+    }
+}
+
+/// `GET <path>` with `X-Vault-Token` from the VM environment.
+fn dispatch_vault(vault: &VaultSource) -> Result<u32, String> {
+    let token = std::env::var(&vault.token_env)
+        .map_err(|_| format!("{} is not in the VM environment", vault.token_env))?;
+    let headers = vec![
+        (":method", "GET"),
+        (":path", vault.path.as_str()),
+        (":authority", vault.authority.as_str()),
+        ("x-vault-token", token.trim()),
+    ];
+    hostcalls::dispatch_http_call(&vault.cluster, headers, None, vec![], VAULT_TIMEOUT)
+        .map_err(|status| format!("call via cluster {} refused: {status:?}", vault.cluster))
 }
 
 impl Context for GatewayRoot {
@@ -60,20 +170,25 @@ impl Context for GatewayRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let (Some(session_id), Some(plan)) = (self.in_flight.remove(&token_id), self.plan.clone())
+        let (Some(pending), Some(plan)) = (self.in_flight.remove(&token_id), self.plan.clone())
         else {
             return;
         };
-        let tenant =
-            reconcile::tenant_of(&SharedData, &session_id).unwrap_or_else(|| "unknown".into());
-        lookup::on_response(
-            &plan,
-            &mut self.metrics.borrow_mut(),
-            &session_id,
-            &tenant,
-            body_size,
-            now_secs(),
-        );
+        match pending {
+            Pending::Session(session_id) => {
+                let tenant = reconcile::tenant_of(&SharedData, &session_id)
+                    .unwrap_or_else(|| "unknown".into());
+                lookup::on_response(
+                    &plan,
+                    &mut self.metrics.borrow_mut(),
+                    &session_id,
+                    &tenant,
+                    body_size,
+                    now_secs(),
+                );
+            }
+            Pending::Vault(name) => self.on_vault_response(&plan, &name, body_size),
+        }
     }
 }
 
@@ -103,41 +218,37 @@ impl RootContext for GatewayRoot {
                 return false;
             }
         };
-        credentials::seed_from_env(&plan.upstream.credential_env);
+        credentials::seed_all(&plan);
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
-        self.reconciler = root_id == RECONCILER_ROOT_ID;
-        if self.reconciler {
-            let every = plan.metering.reconcile_interval_secs;
-            if every > 0 {
-                if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(every)) {
-                    log::error!(
-                        "#{} reconciler cannot start its timer: {status:?}",
-                        self.context_id
-                    );
-                    return false;
-                }
+        if root_id == RECONCILER_ROOT_ID {
+            // One-second ticks; each duty keeps its own due time.
+            if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                log::error!(
+                    "#{} background service cannot start its timer: {status:?}",
+                    self.context_id
+                );
+                return false;
             }
             log::info!(
-                "#{} reconciler: polling up to {} sessions every {every}s (0 = off)",
+                "#{} background service: reconciling up to {} sessions every {}s (0 = off), {} Vault credential(s)",
                 self.context_id,
-                plan.metering.reconcile_batch
+                plan.metering.reconcile_batch,
+                plan.metering.reconcile_interval_secs,
+                plan.credentials.iter().filter(|c| matches!(c.origin, Origin::Vault(_))).count()
             );
         } else {
             log::info!(
-                "#{} configured: upstream {}, {} gateway key(s), neighbours [{}]",
+                "#{} ma-gateway {} configured: upstream {}, {} gateway key(s), {} tenant(s), neighbours [{}]",
                 self.context_id,
+                env!("CARGO_PKG_VERSION"),
                 plan.upstream.authority,
                 plan.gateway_keys.len(),
-                plan.routes
-                    .neighbours
-                    .iter()
-                    .map(|n| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                plan.tenants.len(),
+                plan.routes.neighbours.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
             );
         }
         self.plan = Some(Rc::new(plan));
@@ -149,12 +260,19 @@ impl RootContext for GatewayRoot {
             return;
         };
         let now = now_secs();
+        self.refresh_vault_credentials(&plan, now);
+        let every = plan.metering.reconcile_interval_secs;
+        // A slow upstream must not let lookups pile up: wait while a batch is out.
+        let batch_out = self
+            .in_flight
+            .values()
+            .any(|p| matches!(p, Pending::Session(_)));
+        if every == 0 || now < self.next_reconcile || batch_out {
+            return;
+        }
+        self.next_reconcile = now + every;
         if let Err(err) = accounting::sweep(&SharedData, &plan.metering.limits, now) {
             log::warn!("#{} accounting sweep failed: {err}", self.context_id);
-        }
-        // A slow upstream must not let lookups pile up: skip the tick while a batch is out.
-        if !self.in_flight.is_empty() {
-            return;
         }
         let sessions = accounting::active_sessions(&SharedData);
         let (batch, cursor) =
@@ -162,7 +280,7 @@ impl RootContext for GatewayRoot {
         self.cursor = cursor;
         for session_id in batch {
             if let Some(token) = lookup::dispatch(&plan, &session_id) {
-                self.in_flight.insert(token, session_id);
+                self.in_flight.insert(token, Pending::Session(session_id));
             }
         }
     }

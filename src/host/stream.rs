@@ -25,7 +25,7 @@ use crate::gateway::{self, header_value as header, Admitted, RequestHead};
 use crate::headers::HeaderEdit;
 use crate::metering::{MeterContext, ResponseMeter};
 use crate::metrics;
-use crate::routes::IdKind;
+use crate::routes::{Action as RouteAction, Family, IdKind};
 
 /// Filter-state key (single path token) under which each request's usage JSON is stored; an
 /// access log prints it with `%FILTER_STATE(wasm.ma_gateway_usage:PLAIN)%`.
@@ -160,8 +160,7 @@ impl HttpContext for GatewayStream {
             path: header(&headers, ":path").unwrap_or(""),
             headers: &headers,
         };
-        let credential = credentials::current_key();
-        match gateway::admit(&plan, &head, credential.as_deref(), now_ms() / 1000) {
+        match gateway::admit(&plan, &head, &credentials::SharedKeys, now_ms() / 1000) {
             Ok(admitted) => {
                 if let Err(status) = Self::apply(&admitted.edits) {
                     log::error!(
@@ -259,6 +258,13 @@ impl HttpContext for GatewayStream {
             scanner: plan.metering.scanner,
         };
         let emissions = meter.on_body(&chunk, end_of_stream, &ctx);
+        if let (Some(admitted), Some(session_id)) = (&self.admitted, &meter.usage.session_id) {
+            let created = admitted.operation.family == Family::Sessions
+                && admitted.operation.action == RouteAction::Create;
+            if created && end_of_stream && self.status == 200 {
+                credentials::remember_affinity(session_id, &admitted.credential);
+            }
+        }
         let first_event = meter.first_event_seen && !self.first_event_recorded && self.stream_open;
         let usage = (!emissions.is_empty() && meter.has_usage()).then(|| meter.usage.to_json());
         if first_event {
