@@ -23,6 +23,7 @@ pub mod errors;
 pub mod gateway;
 pub mod headers;
 pub mod identity;
+pub mod jwt;
 pub mod metering;
 pub mod metrics;
 pub mod pricing;
@@ -32,6 +33,7 @@ pub mod scopes;
 pub mod sha256;
 pub mod sse;
 pub mod store;
+pub mod tenancy;
 pub mod time;
 pub mod usage;
 

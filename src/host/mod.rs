@@ -4,6 +4,7 @@
 //! core's answer. It never panics: host results are `Result`s from `proxy_wasm::hostcalls`
 //! (the SDK's trait helpers `unwrap` them), and a panic hook logs at Critical in case.
 
+mod claims;
 mod credentials;
 mod lookup;
 mod metrics;

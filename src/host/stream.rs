@@ -31,6 +31,9 @@ use crate::routes::{Action as RouteAction, Family, IdKind};
 /// access log prints it with `%FILTER_STATE(wasm.ma_gateway_usage:PLAIN)%`.
 const USAGE_PROPERTY: &str = "ma_gateway_usage";
 
+/// Largest piece of a response body copied into the VM at once.
+const READ_SLICE_BYTES: usize = 64 * 1024;
+
 pub struct GatewayStream {
     context_id: u32,
     plan: Option<Rc<Plan>>,
@@ -239,17 +242,6 @@ impl HttpContext for GatewayStream {
         let (Some(meter), Some(plan)) = (self.meter.as_mut(), self.plan.as_ref()) else {
             return Action::Continue;
         };
-        let chunk = if body_size == 0 {
-            Vec::new()
-        } else {
-            match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
-                Ok(bytes) => bytes.unwrap_or_default(),
-                Err(status) => {
-                    log::warn!("#{} cannot read response body: {status:?}", self.context_id);
-                    return Action::Continue;
-                }
-            }
-        };
         let ctx = MeterContext {
             store: &SharedData,
             prices: &plan.metering.prices,
@@ -257,7 +249,30 @@ impl HttpContext for GatewayStream {
             now_secs: now_ms() / 1000,
             scanner: plan.metering.scanner,
         };
-        let emissions = meter.on_body(&chunk, end_of_stream, &ctx);
+        // Copy the chunk into the VM in bounded slices: Envoy may hand over a megabyte at
+        // once, and the VM's memory (which never shrinks) must not follow the chunk size.
+        let mut emissions = Vec::new();
+        let mut offset = 0;
+        loop {
+            let len = (body_size - offset).min(READ_SLICE_BYTES);
+            let slice = if len == 0 {
+                Vec::new()
+            } else {
+                match hostcalls::get_buffer(BufferType::HttpResponseBody, offset, len) {
+                    Ok(bytes) => bytes.unwrap_or_default(),
+                    Err(status) => {
+                        log::warn!("#{} cannot read response body: {status:?}", self.context_id);
+                        return Action::Continue;
+                    }
+                }
+            };
+            offset += len;
+            let last = offset >= body_size;
+            emissions.extend(meter.on_body(&slice, end_of_stream && last, &ctx));
+            if last {
+                break;
+            }
+        }
         if let (Some(admitted), Some(session_id)) = (&self.admitted, &meter.usage.session_id) {
             let created = admitted.operation.family == Family::Sessions
                 && admitted.operation.action == RouteAction::Create;

@@ -12,6 +12,7 @@ from collections import defaultdict
 import pytest
 
 from tests.e2e.conftest import KEYS, Gateway, start_gateway
+from tests.harness import stack
 from tests.e2e.test_streaming import SseReader, send_text
 
 # µ$ per million tokens: (input, cache write 5m, cache write 1h, cache read, output), per the
@@ -208,3 +209,46 @@ def test_the_reconciler_meters_sessions_nobody_streams_or_reads(metered):
                       type=kind) == truth[field], kind
     assert metric(samples, "ma_gateway_cost_microdollars_total", tenant="default",
                   model="claude-haiku-4-5") == expected_cost(truth, "claude-haiku-4-5")
+
+
+def test_a_50_mb_stream_passes_with_flat_filter_memory(emulator):
+    """50 × 1 MiB agent.message events stream through; the usage span after them is metered and
+    the Wasm VM's linear memory does not grow (one worker, so the gauge is that VM's)."""
+    config = stack.render_envoy_config(
+        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        gateway_keys=KEYS)
+    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key), concurrency=1).start()
+    try:
+        gw = Gateway(envoy, emulator)
+        sid = session_for(gw, "claude-sonnet-4-6")
+        # Warm-up turn (2 MiB) so every code path and the 64 KiB read slice have been used once
+        # before the baseline: memory may follow the slice size, never the stream size.
+        reader = SseReader(gw, f"/v1/sessions/{sid}/events/stream")
+        send_text(gw, sid, "emulator:large 2 1024")
+        read_until_idle(reader, turns=1)
+        reader.close()
+        gw.ok("GET", "/v1/agents?limit=1")
+        before = metric(prometheus(gw), "ma_gateway_wasm_memory_bytes")
+
+        reader = SseReader(gw, f"/v1/sessions/{sid}/events/stream")
+        send_text(gw, sid, "emulator:large 50 1024")
+        streamed, names = 0, []
+        while True:
+            line = reader.resp.readline()
+            assert line, "stream ended early"
+            streamed += len(line)
+            if line.startswith(b"event: session.status_idle"):
+                break
+        reader.close()
+        gw.ok("GET", "/v1/agents?limit=1")
+        samples = eventually(gw, lambda s: metric(s, "ma_gateway_requests_total", family="session_events",
+                                                   action="stream", status_class="2xx") == 2)
+        after = metric(samples, "ma_gateway_wasm_memory_bytes")
+        truth = emulator.usage(sid)
+        print(f"\n50 MB stream: {streamed} bytes; wasm memory before {before} B, after {after} B")
+        assert streamed > 50 * 1024 * 1024
+        assert before > 0 and after == before, (before, after)
+        assert metric(samples, "ma_gateway_tokens_total", tenant="default", model="claude-sonnet-4-6",
+                      type="output") == truth["output_tokens"]
+    finally:
+        envoy.stop()

@@ -110,6 +110,14 @@ class Emulator:
     def clear_requests(self):
         self.private("/_emulator/requests", method="DELETE")
 
+    def set_api_keys(self, keys: list[str]):
+        """Which upstream keys the emulator accepts from now on (rotation tests)."""
+        req = urllib.request.Request(self.url + "/_emulator/api-keys", method="POST",
+                                     data=json.dumps({"keys": keys}).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
     def usage(self, session_id: str) -> dict:
         return self.private(f"/_emulator/usage/{session_id}")
 

@@ -40,16 +40,21 @@ pub struct App {
     store: Mutex<Store>,
     requests: Mutex<VecDeque<Value>>,
     faults: Mutex<Vec<Fault>>,
+    /// Keys accepted right now: starts as `--api-key`, replaced by `POST /_emulator/api-keys`
+    /// (rotation tests: accept old and new during a switch, then only the new one).
+    accepted_keys: Mutex<Vec<String>>,
 }
 
 impl App {
     pub fn new(cfg: Config) -> Self {
+        let key = cfg.api_key.clone();
         let ids = Arc::new(IdGen::new(cfg.seed));
         Self {
             store: Mutex::new(Store::new(Arc::clone(&ids))),
             ids,
             cfg,
             requests: Mutex::new(VecDeque::new()),
+            accepted_keys: Mutex::new(vec![key]),
             faults: Mutex::new(Vec::new()),
         }
     }
@@ -249,11 +254,16 @@ fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult {
 }
 
 fn check_auth(app: &App, req: &Request) -> Result<(), ApiError> {
-    let key = app.cfg.api_key.as_str();
-    let by_header = req.header_values("x-api-key").any(|v| v == key);
+    let keys = app
+        .accepted_keys
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let accepted = |candidate: &str| keys.iter().any(|k| k == candidate);
+    let by_header = req.header_values("x-api-key").any(accepted);
     let by_bearer = req.header_values("authorization").any(|v| {
         v.split_once(' ').is_some_and(|(scheme, token)| {
-            scheme.eq_ignore_ascii_case("bearer") && token.trim() == key
+            scheme.eq_ignore_ascii_case("bearer") && accepted(token.trim())
         })
     });
     if by_header || by_bearer {
@@ -371,6 +381,26 @@ fn private(app: &App, req: &Request, segments: &[&str]) -> ApiResult {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
+            ok(&json!({"ok": true}))
+        }
+        ("POST", ["api-keys"]) => {
+            let body: Value = serde_json::from_slice(&req.body)
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+            let keys: Vec<String> = body
+                .get("keys")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|k| k.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if keys.is_empty() {
+                return Err(ApiError::bad_request(
+                    "keys: a non-empty array of strings is required",
+                ));
+            }
+            *app.accepted_keys.lock().unwrap_or_else(|e| e.into_inner()) = keys;
             ok(&json!({"ok": true}))
         }
         ("GET", ["usage", sid]) => match app.store().truth.get(*sid) {

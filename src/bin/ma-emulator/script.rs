@@ -33,9 +33,12 @@
 //!   so `GET …/events` returns truncated texts;
 //! - before each event the turn blocks (outside the store lock) until every open stream has
 //!   at most [`LARGE_BACKLOG_BYTES`] queued and unwritten (see [`crate::sse`]): a slow
-//!   reader slows the turn down instead of piling frames up; a stalled one is dropped by the
-//!   socket write timeout; `user.interrupt` or deleting the session ends the wait and the
-//!   turn early;
+//!   reader slows the turn down instead of piling frames up; one whose backlog has not
+//!   shrunk for [`LARGE_STALL_TIMEOUT`] is detached (no more events; its response ends
+//!   after what was already queued); `user.interrupt` or deleting the session ends the wait
+//!   and the turn early. Peak memory is thus about 3·KB KiB (filler, the frame being built,
+//!   one queued frame) plus up to 8 MiB per open stream, plus ~3 KiB of history per
+//!   event (~30 MB at N = 10000);
 //! - streams that asked for `agent.message` previews get an `event_start` (no deltas,
 //!   which the API documents as best-effort) before each large event.
 
@@ -66,6 +69,9 @@ pub const MAX_LARGE_KIB: u32 = 16_384;
 pub const LARGE_HISTORY_BYTES: usize = 1024;
 /// A stream with more than this queued makes the large turn wait before its next event.
 pub const LARGE_BACKLOG_BYTES: usize = 8 << 20;
+/// A stream whose backlog stays over [`LARGE_BACKLOG_BYTES`] without shrinking this long is
+/// detached from the session (its response ends after what was already queued).
+pub const LARGE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const FILLER: &str = "lorem ipsum ";
 /// Stands for the text while a large frame's JSON is serialized (cannot occur elsewhere in
 /// it: ids are base62, timestamps digits and punctuation).
@@ -410,9 +416,12 @@ impl Turn<'_> {
     fn await_streams(&self) -> Result<bool, Gone> {
         let sid = self.session_id;
         let gauges = self.with_store(|s| s.sessions.get(sid).map(|x| x.broadcaster.gauges()))?;
-        Ok(sse::wait_for_backlog(&gauges, LARGE_BACKLOG_BYTES, || {
-            self.interrupted()
-        }))
+        Ok(sse::wait_for_backlog(
+            &gauges,
+            LARGE_BACKLOG_BYTES,
+            LARGE_STALL_TIMEOUT,
+            || self.interrupted(),
+        ))
     }
 
     /// Streams one large `agent.message` with the full `text`; the history gets `kept`.

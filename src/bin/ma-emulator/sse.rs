@@ -10,8 +10,10 @@
 //! [`StreamGauge`]: the bytes queued on its channel but not yet written to its socket, and
 //! whether its receiving end is gone. A producer of bulk output calls [`wait_for_backlog`]
 //! (without holding the store lock) before each big frame, i.e. it *blocks* until every
-//! live stream has drained below a limit; dead streams never hold it up, and a stalled
-//! client is cut off by the socket write timeout, which ends its pump and marks it closed.
+//! live stream has drained below a limit. Dead streams never hold it up, and a stream whose
+//! backlog makes no progress for the stall timeout is *detached*: it gets no further frames,
+//! its pump writes what was already queued and then ends the response (the socket write
+//! timeout alone would take minutes, as the kernel keeps accepting trickles of data).
 //! Frames are reference-counted, so a frame sent to several streams is held in memory once.
 
 use std::io;
@@ -63,6 +65,8 @@ pub struct StreamGauge {
     queued: AtomicUsize,
     /// The receiving end was dropped (the pump ended or never started).
     closed: AtomicBool,
+    /// A bulk producer gave up on this stream; the next publish drops its sender.
+    detached: AtomicBool,
 }
 
 impl StreamGauge {
@@ -72,6 +76,10 @@ impl StreamGauge {
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::SeqCst)
     }
 
     fn written(&self, bytes: usize) {
@@ -117,6 +125,9 @@ struct Subscriber {
 impl Subscriber {
     /// Queues `frame`; false when the stream is gone.
     fn send(&self, frame: &Arc<String>) -> bool {
+        if self.gauge.is_detached() {
+            return false;
+        }
         self.gauge.queued.fetch_add(frame.len(), Ordering::SeqCst);
         if self.tx.send(Frame::Data(Arc::clone(frame))).is_ok() {
             true
@@ -198,18 +209,45 @@ impl Broadcaster {
     }
 }
 
-/// Blocks until every stream in `gauges` is closed or has at most `limit` bytes queued.
-/// Returns false, without waiting further, as soon as `stop()` holds.
+/// Blocks until every stream in `gauges` is closed, detached or has at most `limit` bytes
+/// queued. A stream over the limit whose backlog has not shrunk for `stall` is detached
+/// (see the module doc). Returns false, without waiting further, as soon as `stop()` holds.
 pub fn wait_for_backlog(
     gauges: &[Arc<StreamGauge>],
     limit: usize,
+    stall: Duration,
     stop: impl Fn() -> bool,
 ) -> bool {
+    let start = Instant::now();
+    // Per stream: the smallest backlog seen and when it was seen.
+    let mut progress: Vec<(usize, Instant)> = gauges.iter().map(|g| (g.queued(), start)).collect();
     loop {
         if stop() {
             return false;
         }
-        if gauges.iter().all(|g| g.is_closed() || g.queued() <= limit) {
+        let now = Instant::now();
+        let mut blocked = false;
+        for (g, (least, at)) in gauges.iter().zip(&mut progress) {
+            if g.is_closed() || g.is_detached() {
+                continue;
+            }
+            let queued = g.queued();
+            if queued <= limit {
+                continue;
+            }
+            if queued < *least {
+                (*least, *at) = (queued, now);
+            }
+            if now.duration_since(*at) >= stall {
+                g.detached.store(true, Ordering::SeqCst);
+                eprintln!(
+                    "ma-emulator: detaching an SSE stream stalled for {stall:?} with {queued} bytes queued"
+                );
+                continue;
+            }
+            blocked = true;
+        }
+        if !blocked {
             return true;
         }
         thread::sleep(Duration::from_millis(1));
@@ -310,11 +348,12 @@ mod tests {
         assert!(gauges[1].is_closed());
         b.publish_frame(&frame);
         assert_eq!(b.len(), 1, "the dropped stream is pruned");
-        // Over the limit and nobody reading: only `stop` ends the wait.
-        assert!(!wait_for_backlog(&gauges, 2500, || true));
+        // Over the limit and nobody reading: only `stop` (or a stall) ends the wait.
+        let long = Duration::from_secs(60);
+        assert!(!wait_for_backlog(&gauges, 2500, long, || true));
         let waiter = {
             let gauges = gauges.clone();
-            std::thread::spawn(move || wait_for_backlog(&gauges, 2500, || false))
+            std::thread::spawn(move || wait_for_backlog(&gauges, 2500, long, || false))
         };
         std::thread::sleep(Duration::from_millis(20));
         assert!(!waiter.is_finished());
@@ -323,7 +362,43 @@ mod tests {
         assert_eq!(gauges[0].queued(), 2000);
         assert!(waiter.join().unwrap());
         drop(slow);
-        assert!(wait_for_backlog(&gauges, 0, || false));
+        assert!(wait_for_backlog(&gauges, 0, long, || false));
+    }
+
+    #[test]
+    fn stalled_streams_are_detached_and_end_after_their_backlog() {
+        let mut b = Broadcaster::default();
+        let stalled = b.subscribe(vec![]);
+        let fine = b.subscribe(vec![]);
+        let gauges = b.gauges();
+        b.publish("a", "{}");
+        b.publish("b", "{}");
+        fine.try_recv().unwrap();
+        fine.try_recv().unwrap();
+        let began = Instant::now();
+        assert!(wait_for_backlog(
+            &gauges,
+            1,
+            Duration::from_millis(50),
+            || false
+        ));
+        assert!(began.elapsed() >= Duration::from_millis(50));
+        assert!(gauges[0].is_detached() && !gauges[1].is_detached());
+        b.publish("c", "{}");
+        assert_eq!(b.len(), 1);
+        let mut out = Vec::new();
+        pump(
+            &stalled,
+            &mut ChunkedWriter::new(&mut out),
+            None,
+            HeartbeatKind::Comment,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("event: b\n") && !text.contains("event: c\n"),
+            "{text}"
+        );
     }
 
     #[test]
