@@ -17,6 +17,7 @@ use crate::routes::{Neighbour, RouteRules};
 use crate::scopes::Scope;
 use crate::sha256;
 use crate::sse::ScannerConfig;
+use crate::tenancy::{valid_tag_key, Ownership, Untagged, DEFAULT_TAG_KEY};
 use crate::time::parse_rfc3339_utc;
 
 /// The only config version this build understands.
@@ -55,6 +56,7 @@ pub struct Plan {
     pub tenants: Vec<Tenant>,
     /// Named upstream credentials; always contains `default`.
     pub credentials: Vec<CredentialSource>,
+    pub isolation: Isolation,
     pub metering: Metering,
 }
 
@@ -154,6 +156,28 @@ pub struct Tenant {
     pub credential: String,
 }
 
+/// Tenant isolation on a shared upstream key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Isolation {
+    /// On by default as soon as tenants are declared.
+    pub enabled: bool,
+    /// The `metadata` key that records the owning tenant upstream.
+    pub tag_key: String,
+    /// What to do with resources that carry no tag (created outside the gateway).
+    pub untagged: Untagged,
+    /// Largest request body inspected (create/update calls); bigger ones are refused with 413.
+    pub max_body_bytes: usize,
+}
+
+impl Isolation {
+    pub fn ownership(&self) -> Ownership<'_> {
+        Ownership {
+            tag_key: &self.tag_key,
+            untagged: self.untagged,
+        }
+    }
+}
+
 /// Where a named upstream credential comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CredentialSource {
@@ -206,6 +230,7 @@ impl Plan {
         let routes = parse_routes(root.opt_obj("routes")?)?;
         let credentials = parse_credentials(&mut root, &upstream)?;
         let tenants = parse_tenants(&mut root, &credentials)?;
+        let isolation = parse_isolation(root.opt_obj("isolation")?, !tenants.is_empty())?;
         let gateway_keys = parse_gateway_keys(&mut root, &tenants)?;
         let metering = parse_metering(root.opt_obj("metering")?)?;
         root.finish()?;
@@ -216,6 +241,7 @@ impl Plan {
             gateway_keys,
             tenants,
             credentials,
+            isolation,
             metering,
         })
     }
@@ -419,6 +445,47 @@ fn parse_credentials(
         );
     }
     Ok(sources)
+}
+
+fn parse_isolation(obj: Option<Obj>, tenants_declared: bool) -> Result<Isolation, ConfigError> {
+    let mut isolation = Isolation {
+        enabled: tenants_declared,
+        tag_key: DEFAULT_TAG_KEY.into(),
+        untagged: Untagged::Deny,
+        max_body_bytes: 1024 * 1024,
+    };
+    let Some(mut obj) = obj else {
+        return Ok(isolation);
+    };
+    if let Some(enabled) = obj.opt_bool("enabled")? {
+        isolation.enabled = enabled;
+    }
+    if let Some(key) = obj.opt_str("tag_key")? {
+        if !valid_tag_key(&key) {
+            return Err(obj.error_at(
+                "tag_key",
+                "expected a metadata key of at most 64 characters",
+            ));
+        }
+        isolation.tag_key = key;
+    }
+    if let Some(policy) = obj.opt_str("untagged")? {
+        isolation.untagged = match policy.as_str() {
+            "deny" => Untagged::Deny,
+            "allow" => Untagged::Allow,
+            _ => {
+                return Err(obj.error_at(
+                    "untagged",
+                    format!("expected \"deny\" or \"allow\", found {policy:?}"),
+                ))
+            }
+        };
+    }
+    if let Some(n) = obj.opt_uint("max_body_bytes", 1024, 16 * 1024 * 1024)? {
+        isolation.max_body_bytes = n;
+    }
+    obj.finish()?;
+    Ok(isolation)
 }
 
 fn parse_vault(mut obj: Obj) -> Result<VaultSource, ConfigError> {
@@ -632,6 +699,17 @@ impl Obj {
         }
     }
 
+    fn opt_bool(&mut self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(other) => Err(self.error_at(
+                key,
+                format!("expected true or false, found {}", type_name(&other)),
+            )),
+        }
+    }
+
     fn opt_uint(
         &mut self,
         key: &str,
@@ -779,6 +857,16 @@ mod tests {
             vec![Scope::parse("sessions:readonly").unwrap()]
         );
         assert_eq!(plan.tenant_scopes("nobody"), vec![]);
+        assert!(
+            plan.isolation.enabled,
+            "declaring tenants turns isolation on"
+        );
+        assert!(
+            !Plan::from_json(br#"{"api_version":"v1"}"#)
+                .unwrap()
+                .isolation
+                .enabled
+        );
         let open = Plan::from_json(br#"{"api_version":"v1"}"#).unwrap();
         assert_eq!(open.tenant_scopes("anyone"), vec![Scope::ALL]);
         assert_eq!(
@@ -907,6 +995,14 @@ mod tests {
         assert_eq!(
             err(r#"{"api_version":"v1","tenants":[{"name":"a","scopes":["x"]}]}"#),
             "config error at tenants[0].scopes[0]: scope \"x\" is not family:action"
+        );
+        assert_eq!(
+            err(r#"{"api_version":"v1","isolation":{"enabled":"yes"}}"#),
+            "config error at isolation.enabled: expected true or false, found a string"
+        );
+        assert_eq!(
+            err(r#"{"api_version":"v1","isolation":{"untagged":"maybe"}}"#),
+            "config error at isolation.untagged: expected \"deny\" or \"allow\", found \"maybe\""
         );
         assert_eq!(
             err(r#"{"api_version":"v1","tenants":[{"name":"a","credential":"nope"}]}"#),

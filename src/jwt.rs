@@ -224,15 +224,16 @@ fn is_tenant_name(name: &str) -> bool {
 /// A scopes claim: `"a b c"` (RFC 8693 `scope`) or `["a", "b"]` (`scp`, or normalized).
 fn scopes(value: &Value) -> Result<Vec<String>, String> {
     let out: Vec<String> = match value {
-        Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
+        Value::String(s) => s
+            .split_whitespace()
+            .take(MAX_SCOPES + 1)
+            .map(str::to_string)
+            .collect(),
         Value::Array(items) => {
-            let mut out = Vec::with_capacity(items.len().min(MAX_SCOPES));
-            for (i, item) in items.iter().enumerate() {
+            let mut out = Vec::with_capacity(items.len().min(MAX_SCOPES + 1));
+            for (i, item) in items.iter().take(MAX_SCOPES + 1).enumerate() {
                 match item {
-                    Value::String(s)
-                        if !s.is_empty()
-                            && !s.chars().any(|c| c.is_whitespace() || c.is_control()) =>
-                    {
+                    Value::String(s) if !s.is_empty() && !s.chars().any(char::is_whitespace) => {
                         out.push(s.clone())
                     }
                     Value::String(s) => {
@@ -248,9 +249,6 @@ fn scopes(value: &Value) -> Result<Vec<String>, String> {
                         ))
                     }
                 }
-                if out.len() > MAX_SCOPES {
-                    break;
-                }
             }
             out
         }
@@ -264,10 +262,11 @@ fn scopes(value: &Value) -> Result<Vec<String>, String> {
     if out.len() > MAX_SCOPES {
         return Err(format!("more than {MAX_SCOPES} scopes"));
     }
-    if let Some(long) = out.iter().find(|s| s.len() > MAX_SCOPE_BYTES) {
+    let bad = |s: &&String| s.len() > MAX_SCOPE_BYTES || s.chars().any(char::is_control);
+    if let Some(bad) = out.iter().find(bad) {
         return Err(format!(
-            "scope {:?} is longer than {MAX_SCOPE_BYTES} bytes",
-            excerpt(long, 40)
+            "scope {:?} is longer than {MAX_SCOPE_BYTES} bytes or holds control characters",
+            excerpt(bad, 40)
         ));
     }
     Ok(out)
@@ -925,6 +924,8 @@ mod tests {
         assert!(scopes(json!("x".repeat(MAX_SCOPE_BYTES + 1)))
             .unwrap_err()
             .contains("longer than"));
+        assert!(scopes(json!("a:b c\u{0}d")).is_err());
+        assert!(scopes(json!(["c\u{7}d"])).is_err());
         let mut scp = rules();
         scp.scopes_claim = "scp".into();
         assert_eq!(

@@ -31,9 +31,14 @@ pub fn next_batch(sessions: &[String], cursor: usize, batch: usize) -> (Vec<Stri
 /// Headers of the gateway's own `GET /v1/sessions/{id}` call, credentialed like a forwarded
 /// call (the key from shared data, required betas, the configured version).
 pub fn session_request(plan: &Plan, session_id: &str, credential: &str) -> Vec<(String, String)> {
+    get_request(plan, &format!("/v1/sessions/{session_id}"), credential)
+}
+
+/// Headers of any `GET <path>` the gateway sends upstream on its own behalf.
+pub fn get_request(plan: &Plan, path: &str, credential: &str) -> Vec<(String, String)> {
     vec![
         (":method".into(), "GET".into()),
-        (":path".into(), format!("/v1/sessions/{session_id}")),
+        (":path".into(), path.to_string()),
         (":authority".into(), plan.upstream.authority.clone()),
         ("x-api-key".into(), credential.to_string()),
         (

@@ -18,10 +18,15 @@ use crate::reconcile;
 /// Upper bound on one lookup; a slow upstream must not pile calls up behind the timer.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Sends the lookup; `None` (logged) when there is no credential or the host refuses.
+/// Sends the session lookup; `None` (logged) when there is no credential or the host refuses.
 pub fn dispatch(plan: &Plan, session_id: &str) -> Option<u32> {
     let credential = SharedKeys.key(&credential_for_session(plan, session_id))?;
-    let headers = reconcile::session_request(plan, session_id, &credential);
+    dispatch_get(plan, &format!("/v1/sessions/{session_id}"), &credential)
+}
+
+/// Sends `GET <path>` upstream with the given key (ownership lookups use the caller's).
+pub fn dispatch_get(plan: &Plan, path: &str, credential: &str) -> Option<u32> {
+    let headers = reconcile::get_request(plan, path, credential);
     let headers: Vec<(&str, &str)> = headers
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -36,7 +41,7 @@ pub fn dispatch(plan: &Plan, session_id: &str) -> Option<u32> {
         Ok(token) => Some(token),
         Err(status) => {
             log::warn!(
-                "session lookup of {session_id} via cluster {} not sent: {status:?}",
+                "lookup GET {path} via cluster {} not sent: {status:?}",
                 plan.upstream.cluster
             );
             None
@@ -52,6 +57,20 @@ fn credential_for_session(plan: &Plan, session_id: &str) -> String {
     choose(plan.tenant_credential(&tenant), affinity.as_deref()).to_string()
 }
 
+/// Status and body of a call's answer (call from `on_http_call_response`).
+pub fn response(body_size: usize) -> (u32, Vec<u8>) {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(0);
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// Meters the answer of a lookup (call from `on_http_call_response`).
 pub fn on_response(
     plan: &Plan,
@@ -61,18 +80,7 @@ pub fn on_response(
     body_size: usize,
     now_secs: u64,
 ) {
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse::<u32>().ok())
-        .unwrap_or(0);
-    let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-        Ok(body) => body.unwrap_or_default(),
-        Err(status) => {
-            log::warn!("session lookup of {session_id}: cannot read body: {status:?}");
-            return;
-        }
-    };
+    let (status, body) = response(body_size);
     if status != 200 {
         log::info!("session lookup of {session_id} answered {status}");
     }

@@ -1,12 +1,19 @@
 //! The per-request `HttpContext`: the glue that reads the host, asks the core, applies answers.
 //!
-//! Request headers → [`gateway::admit`] → forward with header edits, or answer with the error
-//! envelope. Response headers → a [`ResponseMeter`] decides what of the body to look at.
-//! Response body chunks → the meter (SSE scanned incrementally; the callback always returns
-//! `Continue`, so nothing is ever held back) → metrics and the request's usage in filter state.
-//! Log → request counters and durations.
+//! - Request headers → [`gateway::admit`] (authenticate, route, scopes, credential, header
+//!   edits) → with tenant isolation on, the ownership gate: ids in the path (and, for
+//!   create/update calls, ids referenced in the JSON body, which is also tagged with the
+//!   owner) must belong to the caller's tenant; unknown ids are looked up upstream while the
+//!   request waits. Refusals answer with the Anthropic error envelope; upstream is untouched.
+//! - Response headers → a [`ResponseMeter`] decides what of the body to look at; JSON of owned
+//!   resources is buffered (bounded by Envoy's buffer limit) to strip the owner tag and filter
+//!   list pages.
+//! - Response body → streams are scanned in bounded slices and always `Continue`d, so nothing is
+//!   held back; usage goes to metrics and the request's filter state.
+//! - Log → request counters and durations.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -14,18 +21,20 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType, Status};
 
-use super::credentials;
+use super::credentials::{self, SharedKeys};
 use super::lookup;
 use super::metrics::Metrics;
 use super::store::SharedData;
 use crate::accounting;
 use crate::config::Plan;
+use crate::credentials::KeyRing;
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
 use crate::gateway::{self, header_value as header, Admitted, RequestHead};
 use crate::headers::HeaderEdit;
 use crate::metering::{MeterContext, ResponseMeter};
 use crate::metrics;
-use crate::routes::{Action as RouteAction, Family, IdKind};
+use crate::routes::{Action as RouteAction, Family, IdKind, Operation};
+use crate::tenancy::{self, LookupResult, Verdict};
 
 /// Filter-state key (single path token) under which each request's usage JSON is stored; an
 /// access log prints it with `%FILTER_STATE(wasm.ma_gateway_usage:PLAIN)%`.
@@ -34,6 +43,30 @@ const USAGE_PROPERTY: &str = "ma_gateway_usage";
 /// Largest piece of a response body copied into the VM at once.
 const READ_SLICE_BYTES: usize = 64 * 1024;
 
+/// What a call this stream dispatched is for.
+enum Pending {
+    /// The session's model was unknown when its stream opened.
+    Model(String),
+    /// Who owns an id (ownership cache miss).
+    Owner(IdKind, String),
+}
+
+/// Where the request stands at the ownership gate.
+#[derive(Debug, PartialEq, Eq)]
+enum Gate {
+    /// Nothing to check, or checked and let through.
+    Open,
+    /// Waiting for the whole (small) JSON body of a create/update call.
+    AwaitingBody,
+    /// Waiting for owner lookups; `ids` are checked again when they are all in.
+    AwaitingOwners {
+        ids: Vec<(IdKind, String)>,
+        retried: bool,
+    },
+    /// Answered by the gateway.
+    Refused,
+}
+
 pub struct GatewayStream {
     context_id: u32,
     plan: Option<Rc<Plan>>,
@@ -41,11 +74,13 @@ pub struct GatewayStream {
     admitted: Option<Admitted>,
     started_ms: u64,
     status: u32,
+    gate: Gate,
+    pending: HashMap<u32, Pending>,
     meter: Option<ResponseMeter>,
+    /// The response is JSON of owned resources: buffered, tag stripped, list filtered.
+    rewrite_response: bool,
     stream_open: bool,
     first_event_recorded: bool,
-    /// A session lookup in flight (model unknown when the stream opened): token, session.
-    lookup: Option<(u32, String)>,
 }
 
 impl GatewayStream {
@@ -57,16 +92,21 @@ impl GatewayStream {
             admitted: None,
             started_ms: now_ms(),
             status: 0,
+            gate: Gate::Open,
+            pending: HashMap::new(),
             meter: None,
+            rewrite_response: false,
             stream_open: false,
             first_event_recorded: false,
-            lookup: None,
         }
     }
 
     /// Answers the client with the Anthropic error envelope; upstream is never contacted.
-    fn refuse(&mut self, error: &ApiError, headers: &[(String, String)]) -> Action {
-        let request_id = gateway_request_id(header(headers, "x-request-id"));
+    fn refuse(&mut self, error: &ApiError) -> Action {
+        let envoy_id = hostcalls::get_map_value(MapType::HttpRequestHeaders, "x-request-id")
+            .ok()
+            .flatten();
+        let request_id = gateway_request_id(envoy_id.as_deref());
         let body = error.envelope(&request_id);
         // Only rate limits are worth an automatic SDK retry; everything else needs a human.
         let retry = if error.kind == ErrorKind::RateLimit {
@@ -80,9 +120,16 @@ impl GatewayStream {
             ("x-should-retry", retry),
         ];
         self.status = error.status();
+        self.gate = Gate::Refused;
         self.metrics
             .borrow_mut()
             .add(&metrics::REFUSALS, &[error.kind.wire_name()], 1);
+        log::info!(
+            "#{} refused {}: {}",
+            self.context_id,
+            error.status(),
+            error.message
+        );
         if let Err(status) = hostcalls::send_http_response(error.status(), reply, Some(&body)) {
             log::error!(
                 "#{} cannot send the {} reply: {status:?}",
@@ -106,141 +153,129 @@ impl GatewayStream {
         }
         Ok(())
     }
-}
 
-impl Context for GatewayStream {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        _num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        let (Some((token, session_id)), Some(plan), Some(admitted)) =
-            (&self.lookup, &self.plan, &self.admitted)
-        else {
-            return;
+    /// The ownership gate for `ids`: `Continue` when every id is the caller's tenant's, a
+    /// refusal, or `Pause` while unknown owners are looked up upstream.
+    fn check_owners(&mut self, ids: Vec<(IdKind, String)>, retried: bool) -> Action {
+        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
+            return Action::Continue;
         };
-        if *token != token_id {
-            return;
-        }
-        let tenant = admitted.principal.tenant.clone();
-        lookup::on_response(
-            plan,
-            &mut self.metrics.borrow_mut(),
-            session_id,
-            &tenant,
-            body_size,
-            now_ms() / 1000,
-        );
-        self.lookup = None;
-    }
-}
-
-impl HttpContext for GatewayStream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let headers = match hostcalls::get_map(MapType::HttpRequestHeaders) {
-            Ok(headers) => headers,
-            Err(status) => {
-                log::error!(
-                    "#{} cannot read request headers: {status:?}",
-                    self.context_id
-                );
-                return self.refuse(
-                    &ApiError::new(ErrorKind::Api, "gateway could not read the request"),
-                    &[],
-                );
-            }
-        };
-        let Some(plan) = self.plan.clone() else {
-            return self.refuse(
-                &ApiError::new(ErrorKind::Api, "gateway is not configured"),
-                &headers,
-            );
-        };
-        let head = RequestHead {
-            method: header(&headers, ":method").unwrap_or(""),
-            path: header(&headers, ":path").unwrap_or(""),
-            headers: &headers,
-        };
-        match gateway::admit(&plan, &head, &credentials::SharedKeys, now_ms() / 1000) {
-            Ok(admitted) => {
-                if let Err(status) = Self::apply(&admitted.edits) {
-                    log::error!(
-                        "#{} cannot rewrite request headers: {status:?}",
-                        self.context_id
-                    );
-                    return self.refuse(
-                        &ApiError::new(ErrorKind::Api, "gateway could not prepare the request"),
-                        &headers,
-                    );
-                }
-                log::debug!(
-                    "#{} {}/{} {}.{} forwarded",
-                    self.context_id,
-                    admitted.principal.tenant,
-                    admitted.principal.name,
-                    admitted.operation.family.as_str(),
-                    admitted.operation.action.as_str()
-                );
-                self.admitted = Some(admitted);
+        let ownership = plan.isolation.ownership();
+        match tenancy::check(&SharedData, &ownership, &admitted.principal.tenant, &ids) {
+            Verdict::Allow => {
+                self.gate = Gate::Open;
                 Action::Continue
             }
-            Err(error) => {
-                log::info!(
-                    "#{} refused {}: {}",
-                    self.context_id,
-                    error.status(),
-                    error.message
-                );
-                self.refuse(&error, &headers)
+            Verdict::Deny(error) => self.refuse(&error),
+            Verdict::Lookup(_) if retried => {
+                // Owners were just fetched but could not be cached: fail closed.
+                self.refuse(&ApiError::new(
+                    ErrorKind::Unavailable,
+                    "ownership could not be verified; nothing was forwarded",
+                ))
+            }
+            Verdict::Lookup(unknown) => {
+                let Some(key) = SharedKeys.key(&admitted.credential) else {
+                    return self.refuse(&ApiError::new(
+                        ErrorKind::Unavailable,
+                        "ownership could not be verified; nothing was forwarded",
+                    ));
+                };
+                for (kind, id) in unknown {
+                    let token = tenancy::lookup_path(kind, &id)
+                        .and_then(|path| lookup::dispatch_get(&plan, &path, &key));
+                    match token {
+                        Some(token) => {
+                            self.pending.insert(token, Pending::Owner(kind, id));
+                        }
+                        None => {
+                            return self.refuse(&ApiError::new(
+                                ErrorKind::Unavailable,
+                                "ownership could not be verified; nothing was forwarded",
+                            ));
+                        }
+                    }
+                }
+                self.gate = Gate::AwaitingOwners { ids, retried };
+                Action::Pause
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let (Some(admitted), Some(plan)) = (&self.admitted, &self.plan) else {
-            // Our own refusal passing back through the chain: nothing to meter.
-            return Action::Continue;
+    /// One owner lookup answered: cache it, and once all are in, decide.
+    fn on_owner_answer(&mut self, kind: IdKind, id: &str, body_size: usize) {
+        let Some(plan) = self.plan.clone() else {
+            return;
         };
-        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u32>().ok())
-            .unwrap_or(0);
-        self.status = status;
-        let meter = ResponseMeter::new(
-            &admitted.operation,
-            status,
-            &admitted.principal.tenant,
-            plan.metering.scanner,
-        );
-        if meter.is_stream() {
-            self.stream_open = true;
-            self.metrics
-                .borrow_mut()
-                .add(&metrics::ACTIVE_STREAMS, &[], 1);
-            // Spans carry no model: if this session's model was never learned (created before
-            // this gateway, or on another replica), look it up with the injected credential.
-            if let Some(session_id) = admitted.operation.id(IdKind::Session) {
-                let known = accounting::summary(&SharedData, session_id)
-                    .ok()
-                    .flatten()
-                    .and_then(|s| s.model)
-                    .is_some();
-                if !known {
-                    self.lookup = lookup::dispatch(plan, session_id)
-                        .map(|token| (token, session_id.to_string()));
+        if self.gate == Gate::Refused {
+            return;
+        }
+        let (status, body) = lookup::response(body_size);
+        match tenancy::owner_from_lookup(status, &body, &plan.isolation.tag_key) {
+            LookupResult::Owner(owner) => {
+                if let Err(err) = tenancy::remember_owner(&SharedData, id, owner) {
+                    log::warn!("#{} owner of {id} not cached: {err}", self.context_id);
                 }
             }
+            LookupResult::Missing => {
+                self.refuse(&tenancy::not_found(kind, id));
+                return;
+            }
+            LookupResult::Failed => {
+                log::warn!(
+                    "#{} ownership lookup of {id} answered {status}",
+                    self.context_id
+                );
+                self.refuse(&ApiError::new(
+                    ErrorKind::Unavailable,
+                    "ownership could not be verified; nothing was forwarded",
+                ));
+                return;
+            }
         }
-        self.meter = meter.wants_body().then_some(meter);
-        Action::Continue
+        let owners_pending = self
+            .pending
+            .values()
+            .any(|p| matches!(p, Pending::Owner(..)));
+        if owners_pending {
+            return;
+        }
+        let Gate::AwaitingOwners { ids, .. } = std::mem::replace(&mut self.gate, Gate::Open) else {
+            return;
+        };
+        if self.check_owners(ids, true) == Action::Continue {
+            if let Err(status) = hostcalls::resume_http_request() {
+                log::error!("#{} cannot resume the request: {status:?}", self.context_id);
+            }
+        }
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    /// Create/update calls on owned resources: the body is needed (references, tagging).
+    fn needs_body(op: &Operation) -> bool {
+        matches!(
+            op.family,
+            Family::Agents | Family::Sessions | Family::Environments | Family::Vaults
+        ) && matches!(op.action, RouteAction::Create | RouteAction::Update)
+    }
+
+    /// Whether a 2xx response of `op` is JSON the gateway rewrites (tag stripped, list filtered).
+    fn rewrites(op: &Operation) -> bool {
+        matches!(
+            op.family,
+            Family::Agents
+                | Family::AgentVersions
+                | Family::Sessions
+                | Family::Environments
+                | Family::Vaults
+                | Family::VaultCredentials
+        ) && op.action != RouteAction::Stream
+    }
+
+    /// Feeds `body_size` bytes of the response body to the meter, in bounded slices, and
+    /// emits what it found (metrics, filter state, session affinity on create).
+    fn meter_body(&mut self, buffer: BufferType, body_size: usize, end_of_stream: bool) {
         let (Some(meter), Some(plan)) = (self.meter.as_mut(), self.plan.as_ref()) else {
-            return Action::Continue;
+            return;
         };
         let ctx = MeterContext {
             store: &SharedData,
@@ -258,11 +293,11 @@ impl HttpContext for GatewayStream {
             let slice = if len == 0 {
                 Vec::new()
             } else {
-                match hostcalls::get_buffer(BufferType::HttpResponseBody, offset, len) {
+                match hostcalls::get_buffer(buffer, offset, len) {
                     Ok(bytes) => bytes.unwrap_or_default(),
                     Err(status) => {
                         log::warn!("#{} cannot read response body: {status:?}", self.context_id);
-                        return Action::Continue;
+                        return;
                     }
                 }
             };
@@ -295,6 +330,290 @@ impl HttpContext for GatewayStream {
             }
         }
         self.metrics.borrow_mut().apply(emissions);
+    }
+
+    /// The whole buffered JSON response of an owned resource: tag stripped, list filtered.
+    fn rewrite_owned_response(&mut self, body_size: usize) -> Action {
+        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
+            return Action::Continue;
+        };
+        let body = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log::error!(
+                    "#{} cannot read the response to rewrite: {status:?}",
+                    self.context_id
+                );
+                return self.refuse(&ApiError::new(
+                    ErrorKind::Api,
+                    "gateway could not read the upstream response",
+                ));
+            }
+        };
+        let ownership = plan.isolation.ownership();
+        let tenant = admitted.principal.tenant.clone();
+        let op = admitted.operation.clone();
+        match tenancy::rewrite_response(&op, self.status, &body, &tenant, &ownership, &SharedData) {
+            Ok(rewrite) => {
+                if let Some(new_body) = rewrite.body {
+                    if let Err(status) =
+                        hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &new_body)
+                    {
+                        log::error!(
+                            "#{} cannot replace the response body: {status:?}",
+                            self.context_id
+                        );
+                        return self.refuse(&ApiError::new(
+                            ErrorKind::Api,
+                            "gateway could not prepare the response",
+                        ));
+                    }
+                }
+                Action::Continue
+            }
+            Err(error) => self.refuse(&error),
+        }
+    }
+}
+
+impl Context for GatewayStream {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        match self.pending.remove(&token_id) {
+            Some(Pending::Owner(kind, id)) => self.on_owner_answer(kind, &id, body_size),
+            Some(Pending::Model(session_id)) => {
+                let (Some(plan), Some(admitted)) = (&self.plan, &self.admitted) else {
+                    return;
+                };
+                let tenant = admitted.principal.tenant.clone();
+                lookup::on_response(
+                    plan,
+                    &mut self.metrics.borrow_mut(),
+                    &session_id,
+                    &tenant,
+                    body_size,
+                    now_ms() / 1000,
+                );
+            }
+            None => {}
+        }
+    }
+}
+
+impl HttpContext for GatewayStream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let headers = match hostcalls::get_map(MapType::HttpRequestHeaders) {
+            Ok(headers) => headers,
+            Err(status) => {
+                log::error!(
+                    "#{} cannot read request headers: {status:?}",
+                    self.context_id
+                );
+                return self.refuse(&ApiError::new(
+                    ErrorKind::Api,
+                    "gateway could not read the request",
+                ));
+            }
+        };
+        let Some(plan) = self.plan.clone() else {
+            return self.refuse(&ApiError::new(ErrorKind::Api, "gateway is not configured"));
+        };
+        let head = RequestHead {
+            method: header(&headers, ":method").unwrap_or(""),
+            path: header(&headers, ":path").unwrap_or(""),
+            headers: &headers,
+        };
+        let admitted = match gateway::admit(&plan, &head, &SharedKeys, now_ms() / 1000) {
+            Ok(admitted) => admitted,
+            Err(error) => return self.refuse(&error),
+        };
+        if let Err(status) = Self::apply(&admitted.edits) {
+            log::error!(
+                "#{} cannot rewrite request headers: {status:?}",
+                self.context_id
+            );
+            return self.refuse(&ApiError::new(
+                ErrorKind::Api,
+                "gateway could not prepare the request",
+            ));
+        }
+        log::debug!(
+            "#{} {}/{} {}.{} admitted",
+            self.context_id,
+            admitted.principal.tenant,
+            admitted.principal.name,
+            admitted.operation.family.as_str(),
+            admitted.operation.action.as_str()
+        );
+        let op = admitted.operation.clone();
+        self.admitted = Some(admitted);
+        if !plan.isolation.enabled {
+            return Action::Continue;
+        }
+        if Self::needs_body(&op) && !end_of_stream {
+            // The body is checked and tagged before anything goes upstream; its length changes.
+            if let Err(status) =
+                hostcalls::remove_map_value(MapType::HttpRequestHeaders, "content-length")
+            {
+                log::warn!(
+                    "#{} cannot drop content-length: {status:?}",
+                    self.context_id
+                );
+            }
+            self.gate = Gate::AwaitingBody;
+            return Action::Pause;
+        }
+        if Self::needs_body(&op) && op.action == RouteAction::Create {
+            return self.refuse(&ApiError::new(
+                ErrorKind::InvalidRequest,
+                "a JSON body is required",
+            ));
+        }
+        self.check_owners(op.ids, false)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.gate != Gate::AwaitingBody {
+            return if self.gate == Gate::Open {
+                Action::Continue
+            } else {
+                Action::Pause
+            };
+        }
+        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
+            return Action::Continue;
+        };
+        if body_size > plan.isolation.max_body_bytes {
+            let limit = plan.isolation.max_body_bytes;
+            return self.refuse(&ApiError::new(
+                ErrorKind::RequestTooLarge,
+                format!("request body exceeds the gateway's {limit}-byte limit for this call"),
+            ));
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log::error!(
+                    "#{} cannot read the request body: {status:?}",
+                    self.context_id
+                );
+                return self.refuse(&ApiError::new(
+                    ErrorKind::Api,
+                    "gateway could not read the request",
+                ));
+            }
+        };
+        let op = admitted.operation.clone();
+        let tenant = admitted.principal.tenant.clone();
+        let ownership = plan.isolation.ownership();
+        let tagged = match tenancy::tag_request_body(&op, &body, &tenant, &ownership) {
+            Ok(tagged) => tagged,
+            Err(error) => return self.refuse(&error),
+        };
+        let references = serde_json::from_slice(&body)
+            .map(|value| tenancy::body_references(&op, &value))
+            .unwrap_or_default();
+        if let Some(new_body) = tagged {
+            if let Err(status) =
+                hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body)
+            {
+                log::error!(
+                    "#{} cannot replace the request body: {status:?}",
+                    self.context_id
+                );
+                return self.refuse(&ApiError::new(
+                    ErrorKind::Api,
+                    "gateway could not prepare the request",
+                ));
+            }
+        }
+        let mut ids = op.ids;
+        ids.extend(references);
+        match self.check_owners(ids, false) {
+            Action::Continue => Action::Continue,
+            // Keep the (tagged) body buffered until the owners are known.
+            _ => Action::Pause,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let (Some(admitted), Some(plan)) = (&self.admitted, &self.plan) else {
+            // Our own refusal passing back through the chain: nothing to meter.
+            return Action::Continue;
+        };
+        if self.gate == Gate::Refused {
+            return Action::Continue;
+        }
+        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(0);
+        self.status = status;
+        let meter = ResponseMeter::new(
+            &admitted.operation,
+            status,
+            &admitted.principal.tenant,
+            plan.metering.scanner,
+        );
+        if meter.is_stream() {
+            self.stream_open = true;
+            self.metrics
+                .borrow_mut()
+                .add(&metrics::ACTIVE_STREAMS, &[], 1);
+            // Spans carry no model: if this session's model was never learned (created before
+            // this gateway, or on another replica), look it up with the injected credential.
+            if let Some(session_id) = admitted.operation.id(IdKind::Session) {
+                let known = accounting::summary(&SharedData, session_id)
+                    .ok()
+                    .flatten()
+                    .and_then(|s| s.model)
+                    .is_some();
+                if !known {
+                    if let Some(token) = lookup::dispatch(plan, session_id) {
+                        self.pending
+                            .insert(token, Pending::Model(session_id.to_string()));
+                    }
+                }
+            }
+        }
+        self.rewrite_response = plan.isolation.enabled
+            && (200..300).contains(&status)
+            && !end_of_stream
+            && Self::rewrites(&admitted.operation);
+        self.meter = meter.wants_body().then_some(meter);
+        if self.rewrite_response {
+            // The body will change length; hold the headers until it is rewritten.
+            if let Err(status) =
+                hostcalls::remove_map_value(MapType::HttpResponseHeaders, "content-length")
+            {
+                log::warn!(
+                    "#{} cannot drop content-length: {status:?}",
+                    self.context_id
+                );
+            }
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.rewrite_response {
+            if !end_of_stream {
+                return Action::Pause;
+            }
+            self.meter_body(BufferType::HttpResponseBody, body_size, true);
+            return self.rewrite_owned_response(body_size);
+        }
+        self.meter_body(BufferType::HttpResponseBody, body_size, end_of_stream);
         // Never hold the body back: streams flow as they arrive.
         Action::Continue
     }
