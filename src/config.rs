@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::accounting::Limits;
 use crate::credentials::DEFAULT_CREDENTIAL;
+use crate::jwt::{rules_from_json, JwtRules};
 use crate::pricing::PriceTable;
 use crate::routes::{Neighbour, RouteRules};
 use crate::scopes::Scope;
@@ -57,6 +58,8 @@ pub struct Plan {
     /// Named upstream credentials; always contains `default`.
     pub credentials: Vec<CredentialSource>,
     pub isolation: Isolation,
+    /// Identity from JWTs verified by Envoy's `jwt_authn` filter, when configured.
+    pub jwt: Option<JwtRules>,
     pub metering: Metering,
 }
 
@@ -231,6 +234,21 @@ impl Plan {
         let credentials = parse_credentials(&mut root, &upstream)?;
         let tenants = parse_tenants(&mut root, &credentials)?;
         let isolation = parse_isolation(root.opt_obj("isolation")?, !tenants.is_empty())?;
+        let jwt = match root.take("jwt") {
+            None => None,
+            Some(value) => Some(rules_from_json(&value, "jwt").map_err(|message| {
+                match message.split_once(": ") {
+                    Some((at, rest)) if at.starts_with("jwt") => ConfigError {
+                        path: at.to_string(),
+                        message: rest.to_string(),
+                    },
+                    _ => ConfigError {
+                        path: "jwt".into(),
+                        message,
+                    },
+                }
+            })?),
+        };
         let gateway_keys = parse_gateway_keys(&mut root, &tenants)?;
         let metering = parse_metering(root.opt_obj("metering")?)?;
         root.finish()?;
@@ -242,6 +260,7 @@ impl Plan {
             tenants,
             credentials,
             isolation,
+            jwt,
             metering,
         })
     }
@@ -995,6 +1014,10 @@ mod tests {
         assert_eq!(
             err(r#"{"api_version":"v1","tenants":[{"name":"a","scopes":["x"]}]}"#),
             "config error at tenants[0].scopes[0]: scope \"x\" is not family:action"
+        );
+        assert_eq!(
+            err(r#"{"api_version":"v1","jwt":{"tenant_claim":7}}"#),
+            "config error at jwt.tenant_claim: expected a string, found a number"
         );
         assert_eq!(
             err(r#"{"api_version":"v1","isolation":{"enabled":"yes"}}"#),

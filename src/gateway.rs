@@ -9,7 +9,8 @@ use crate::config::{Origin, Plan};
 use crate::credentials::{choose, KeyRing};
 use crate::errors::{excerpt, ApiError, ErrorKind};
 use crate::headers::{rewrite_request, HeaderEdit};
-use crate::identity::{authenticate, presented_key, Principal};
+use crate::identity::{authenticate, from_claims, presented_key, Principal};
+use crate::jwt::Claims;
 use crate::routes::{classify, IdKind, Operation};
 use crate::scopes::authorize;
 
@@ -49,15 +50,24 @@ pub struct Admitted {
     pub edits: Vec<HeaderEdit>,
 }
 
-/// Decides one request at `now_secs`; upstream keys and session affinities come from `keys`.
+/// Decides one request at `now_secs`; upstream keys and session affinities come from `keys`,
+/// `jwt` is what the host found of a verified token (`None`: no token, or JWT not configured).
 pub fn admit(
     plan: &Plan,
     head: &RequestHead<'_>,
     keys: &dyn KeyRing,
+    jwt: Option<Result<Claims, String>>,
     now_secs: u64,
 ) -> Result<Admitted, ApiError> {
-    let presented = presented_key(head.header("x-api-key"), head.header("authorization"));
-    let principal = authenticate(&plan.gateway_keys, presented, now_secs)?;
+    // A JWT verified by Envoy's jwt_authn (read from dynamic metadata, never from a header a
+    // client could send) wins; otherwise a gateway key is required.
+    let principal = match jwt {
+        Some(claims) => from_claims(claims)?,
+        None => {
+            let presented = presented_key(head.header("x-api-key"), head.header("authorization"));
+            authenticate(&plan.gateway_keys, presented, now_secs)?
+        }
+    };
     let operation = classify(&plan.routes, head.method, head.path).ok_or_else(|| {
         let path = head.path.split_once('?').map_or(head.path, |(p, _)| p);
         ApiError::new(
@@ -148,6 +158,7 @@ mod tests {
                 headers: &headers,
             },
             &OneKey(credential.map(str::to_string)),
+            None,
             0,
         )
     }

@@ -7,6 +7,7 @@
 
 use crate::config::GatewayKey;
 use crate::errors::{ApiError, ErrorKind};
+use crate::jwt::Claims;
 use crate::scopes::Scope;
 use crate::sha256;
 
@@ -85,6 +86,29 @@ pub fn authenticate(
     })
 }
 
+/// The principal of a JWT that Envoy's `jwt_authn` verified. Scopes in the token that are not
+/// `family:action` (e.g. `openid`) are ignored; a token with a scope claim but no usable scope
+/// may do nothing.
+pub fn from_claims(claims: Result<Claims, String>) -> Result<Principal, ApiError> {
+    let claims = claims.map_err(|why| {
+        ApiError::new(
+            ErrorKind::Authentication,
+            format!("verified token not usable: {why}"),
+        )
+    })?;
+    let scopes = claims.scopes.map(|list| {
+        list.iter()
+            .filter_map(|s| Scope::parse(s).ok())
+            .collect::<Vec<_>>()
+    });
+    Ok(Principal {
+        name: claims.subject,
+        tenant: claims.tenant,
+        method: AuthMethod::Jwt,
+        scopes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +155,26 @@ mod tests {
                 method: AuthMethod::GatewayKey,
                 scopes: Some(vec![Scope::ALL]),
             }
+        );
+    }
+
+    #[test]
+    fn jwt_claims_become_a_principal() {
+        let claims = Claims {
+            subject: "user-1".into(),
+            tenant: "acme".into(),
+            scopes: Some(vec!["openid".into(), "sessions:read".into()]),
+        };
+        let p = from_claims(Ok(claims)).unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.tenant.as_str(), p.method),
+            ("user-1", "acme", AuthMethod::Jwt)
+        );
+        assert_eq!(p.scopes, Some(vec![Scope::parse("sessions:read").unwrap()]));
+        let e = from_claims(Err("no tenant claim \"org\"".into())).unwrap_err();
+        assert_eq!(
+            (e.status(), e.message.as_str()),
+            (401, "verified token not usable: no tenant claim \"org\"")
         );
     }
 

@@ -14,7 +14,6 @@ use crate::jwt::{claims_from_metadata, Claims, JwtRules};
 /// `None`: no verified JWT on this request (no jwt_authn payload under the configured key).
 /// `Some(Err)`: a verified token whose claims do not satisfy `rules` (no tenant, …), or
 /// metadata the host could not hand over — refuse the call. Never panics.
-#[allow(dead_code)] // Until `gateway::admit` consumes it; remove this line then.
 pub fn verified_claims(rules: &JwtRules) -> Option<Result<Claims, String>> {
     match hostcalls::get_property(vec!["metadata"]) {
         Ok(None) => None,

@@ -21,6 +21,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType, Status};
 
+use super::claims;
 use super::credentials::{self, SharedKeys};
 use super::lookup;
 use super::metrics::Metrics;
@@ -428,7 +429,8 @@ impl HttpContext for GatewayStream {
             path: header(&headers, ":path").unwrap_or(""),
             headers: &headers,
         };
-        let admitted = match gateway::admit(&plan, &head, &SharedKeys, now_ms() / 1000) {
+        let jwt = plan.jwt.as_ref().and_then(claims::verified_claims);
+        let admitted = match gateway::admit(&plan, &head, &SharedKeys, jwt, now_ms() / 1000) {
             Ok(admitted) => admitted,
             Err(error) => return self.refuse(&error),
         };

@@ -113,13 +113,6 @@ class RsaKey:
         em = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
         return pow(int.from_bytes(em, "big"), self.d, self.n).to_bytes(k, "big")
 
-    def verify(self, message: bytes, signature: bytes) -> bool:
-        """For the harness's own self-check only; Envoy is what verifies in the tests."""
-        k = (self.n.bit_length() + 7) // 8
-        t = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
-        em = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
-        return pow(int.from_bytes(signature, "big"), self.e, self.n).to_bytes(k, "big") == em
-
 
 def jwks(*keys: RsaKey) -> dict:
     return {"keys": [key.jwk() for key in keys]}
@@ -224,12 +217,16 @@ def _http_filters(config: dict) -> list:
     return hcm["http_filters"]
 
 
-def add_jwt_authn(config: dict, *, log_metadata: bool = True, **filter_args) -> dict:
+def add_jwt_authn(config: dict, *, log_metadata: bool = True, expose_payload_header: str | None = None,
+                  **filter_args) -> dict:
     """Inserts jwt_authn right before `ma_gateway` in a rendered config (in place; returned).
 
-    With `log_metadata`, the access log also prints the verified payload as `jwt`
-    (`%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:<key>)%`, "-" when there is none), so tests
-    can see exactly what the gateway would read.
+    `filter_args` go to `jwt_authn_filter`. With `log_metadata`, the access log also prints
+    the verified payload as `jwt` (`%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:<key>)%`).
+    `expose_payload_header` (tests only: it hands the claims back to the client) adds that
+    response header, set by Envoy from the same metadata on every reply, local replies
+    included, and absent when there is no payload — so a test sees at once exactly what the
+    gateway reads (the access log is flushed only every 10 s).
     """
     filters = _http_filters(config)
     if any(f["name"] == JWT_AUTHN for f in filters):
@@ -237,11 +234,17 @@ def add_jwt_authn(config: dict, *, log_metadata: bool = True, **filter_args) -> 
     index = next(i for i, f in enumerate(filters) if f["name"] == "ma_gateway")
     entry = jwt_authn_filter(**filter_args)
     filters.insert(index, entry)
+    key = entry["typed_config"]["providers"][PROVIDER]["payload_in_metadata"]
+    formatter = f"%DYNAMIC_METADATA({JWT_AUTHN}:{key})%"
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     if log_metadata:
-        key = entry["typed_config"]["providers"][PROVIDER]["payload_in_metadata"]
-        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         for log in hcm.get("access_log", []):
             fmt = log["typed_config"].get("log_format", {}).get("json_format")
             if fmt is not None:
-                fmt["jwt"] = f"%DYNAMIC_METADATA({JWT_AUTHN}:{key})%"
+                fmt["jwt"] = formatter
+    if expose_payload_header:
+        hcm["route_config"].setdefault("response_headers_to_add", []).append({
+            "header": {"key": expose_payload_header, "value": formatter},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        })
     return config
