@@ -57,8 +57,6 @@ enum Pending {
 enum Gate {
     /// Nothing to check, or checked and let through.
     Open,
-    /// Waiting for the whole (small) JSON body of a create/update call.
-    AwaitingBody,
     /// Waiting for owner lookups; `ids` are checked again when they are all in.
     AwaitingOwners {
         ids: Vec<(IdKind, String)>,
@@ -76,6 +74,10 @@ pub struct GatewayStream {
     started_ms: u64,
     status: u32,
     gate: Gate,
+    /// The (small) JSON body of a create/update call is still to be checked and tagged.
+    body_pending: bool,
+    /// Envoy's `x-request-id` of this request, for the `request_id` of gateway answers.
+    envoy_request_id: Option<String>,
     pending: HashMap<u32, Pending>,
     meter: Option<ResponseMeter>,
     /// The response is JSON of owned resources: buffered, tag stripped, list filtered.
@@ -94,6 +96,8 @@ impl GatewayStream {
             started_ms: now_ms(),
             status: 0,
             gate: Gate::Open,
+            body_pending: false,
+            envoy_request_id: None,
             pending: HashMap::new(),
             meter: None,
             rewrite_response: false,
@@ -104,10 +108,9 @@ impl GatewayStream {
 
     /// Answers the client with the Anthropic error envelope; upstream is never contacted.
     fn refuse(&mut self, error: &ApiError) -> Action {
-        let envoy_id = hostcalls::get_map_value(MapType::HttpRequestHeaders, "x-request-id")
-            .ok()
-            .flatten();
-        let request_id = gateway_request_id(envoy_id.as_deref());
+        // Envoy's x-request-id, captured with the request headers (they cannot be read from
+        // later callbacks: the SDK's getter panics when the host refuses).
+        let request_id = gateway_request_id(self.envoy_request_id.as_deref());
         let body = error.envelope(&request_id);
         // Only rate limits are worth an automatic SDK retry; everything else needs a human.
         let retry = if error.kind == ErrorKind::RateLimit {
@@ -372,7 +375,24 @@ impl GatewayStream {
                 }
                 Action::Continue
             }
-            Err(error) => self.refuse(&error),
+            Err(error) => {
+                // The status line is already on its way: the body becomes the error envelope
+                // (a defence-in-depth path; the request-side gate refuses foreign ids first).
+                log::warn!("#{} response withheld: {}", self.context_id, error.message);
+                self.metrics
+                    .borrow_mut()
+                    .add(&metrics::REFUSALS, &[error.kind.wire_name()], 1);
+                let envelope = error.envelope(&gateway_request_id(None));
+                if let Err(status) =
+                    hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &envelope)
+                {
+                    log::error!(
+                        "#{} cannot replace the response body: {status:?}",
+                        self.context_id
+                    );
+                }
+                Action::Continue
+            }
         }
     }
 }
@@ -421,6 +441,7 @@ impl HttpContext for GatewayStream {
                 ));
             }
         };
+        self.envoy_request_id = header(&headers, "x-request-id").map(str::to_string);
         let Some(plan) = self.plan.clone() else {
             return self.refuse(&ApiError::new(ErrorKind::Api, "gateway is not configured"));
         };
@@ -457,35 +478,37 @@ impl HttpContext for GatewayStream {
         if !plan.isolation.enabled {
             return Action::Continue;
         }
-        if Self::needs_body(&op) && !end_of_stream {
-            // The body is checked and tagged before anything goes upstream; its length changes.
-            if let Err(status) =
-                hostcalls::remove_map_value(MapType::HttpRequestHeaders, "content-length")
-            {
-                log::warn!(
-                    "#{} cannot drop content-length: {status:?}",
-                    self.context_id
-                );
+        if Self::needs_body(&op) {
+            if end_of_stream && op.action == RouteAction::Create {
+                return self.refuse(&ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    "a JSON body is required",
+                ));
             }
-            self.gate = Gate::AwaitingBody;
-            return Action::Pause;
-        }
-        if Self::needs_body(&op) && op.action == RouteAction::Create {
-            return self.refuse(&ApiError::new(
-                ErrorKind::InvalidRequest,
-                "a JSON body is required",
-            ));
+            if !end_of_stream {
+                // The body is checked and tagged before any of it goes upstream; its length
+                // changes. (proxy-wasm cannot see a body while the headers are held, so the
+                // head may already be on its way: a refused call is reset before its body.)
+                if let Err(status) =
+                    hostcalls::remove_map_value(MapType::HttpRequestHeaders, "content-length")
+                {
+                    log::warn!(
+                        "#{} cannot drop content-length: {status:?}",
+                        self.context_id
+                    );
+                }
+                self.body_pending = true;
+            }
         }
         self.check_owners(op.ids, false)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.gate != Gate::AwaitingBody {
-            return if self.gate == Gate::Open {
-                Action::Continue
-            } else {
-                Action::Pause
-            };
+        if self.gate != Gate::Open {
+            return Action::Pause;
+        }
+        if !self.body_pending {
+            return Action::Continue;
         }
         let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
             return Action::Continue;
@@ -500,6 +523,7 @@ impl HttpContext for GatewayStream {
         if !end_of_stream {
             return Action::Pause;
         }
+        self.body_pending = false;
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(bytes) => bytes.unwrap_or_default(),
             Err(status) => {
@@ -537,9 +561,8 @@ impl HttpContext for GatewayStream {
                 ));
             }
         }
-        let mut ids = op.ids;
-        ids.extend(references);
-        match self.check_owners(ids, false) {
+        // Path ids were checked with the headers; the body adds its references.
+        match self.check_owners(references, false) {
             Action::Continue => Action::Continue,
             // Keep the (tagged) body buffered until the owners are known.
             _ => Action::Pause,
@@ -593,7 +616,8 @@ impl HttpContext for GatewayStream {
             && Self::rewrites(&admitted.operation);
         self.meter = meter.wants_body().then_some(meter);
         if self.rewrite_response {
-            // The body will change length; hold the headers until it is rewritten.
+            // The body will change length. (The headers cannot be held: proxy-wasm would stop
+            // the body too; the body is buffered and rewritten in the body callback.)
             if let Err(status) =
                 hostcalls::remove_map_value(MapType::HttpResponseHeaders, "content-length")
             {
@@ -602,7 +626,6 @@ impl HttpContext for GatewayStream {
                     self.context_id
                 );
             }
-            return Action::Pause;
         }
         Action::Continue
     }
