@@ -39,4 +39,8 @@ fn full_example_enables_every_neighbour_and_two_tenants() {
         .map(|k| k.tenant.as_str())
         .collect();
     assert_eq!(tenants, ["platform", "research"]);
+    assert_eq!(plan.tenant_credential("research"), "research-workspace");
+    assert!(plan.isolation.enabled);
+    assert!(plan.jwt.is_some());
+    assert_eq!(plan.credentials.len(), 2);
 }
