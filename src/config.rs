@@ -11,6 +11,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::accounting::Limits;
+use crate::audit::AuditRules;
 use crate::credentials::DEFAULT_CREDENTIAL;
 use crate::jwt::{rules_from_json, JwtRules};
 use crate::pricing::PriceTable;
@@ -60,6 +61,7 @@ pub struct Plan {
     pub isolation: Isolation,
     /// Identity from JWTs verified by Envoy's `jwt_authn` filter, when configured.
     pub jwt: Option<JwtRules>,
+    pub audit: AuditRules,
     pub metering: Metering,
 }
 
@@ -234,6 +236,14 @@ impl Plan {
         let credentials = parse_credentials(&mut root, &upstream)?;
         let tenants = parse_tenants(&mut root, &credentials)?;
         let isolation = parse_isolation(root.opt_obj("isolation")?, !tenants.is_empty())?;
+        let audit = match root.opt_obj("audit")? {
+            None => AuditRules::default(),
+            Some(mut obj) => {
+                let redact_ids = obj.opt_bool("redact_ids")?.unwrap_or(false);
+                obj.finish()?;
+                AuditRules { redact_ids }
+            }
+        };
         let jwt = match root.take("jwt") {
             None => None,
             Some(value) => Some(rules_from_json(&value, "jwt").map_err(|message| {
@@ -261,6 +271,7 @@ impl Plan {
             credentials,
             isolation,
             jwt,
+            audit,
             metering,
         })
     }
@@ -1014,6 +1025,10 @@ mod tests {
         assert_eq!(
             err(r#"{"api_version":"v1","tenants":[{"name":"a","scopes":["x"]}]}"#),
             "config error at tenants[0].scopes[0]: scope \"x\" is not family:action"
+        );
+        assert_eq!(
+            err(r#"{"api_version":"v1","audit":{"redact":true}}"#),
+            "config error at audit.redact: unknown field"
         );
         assert_eq!(
             err(r#"{"api_version":"v1","jwt":{"tenant_claim":7}}"#),

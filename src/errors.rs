@@ -41,6 +41,21 @@ impl ErrorKind {
         }
     }
 
+    /// The rule family that usually produces this error, for the audit record; a call site
+    /// names a more precise one with [`ApiError::because`].
+    pub fn default_reason(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidRequest => "request",
+            ErrorKind::Authentication => "authentication",
+            ErrorKind::Permission => "scope",
+            ErrorKind::NotFound => "route",
+            ErrorKind::RequestTooLarge => "body_size",
+            ErrorKind::RateLimit => "rate_limit",
+            ErrorKind::Api => "internal",
+            ErrorKind::Unavailable => "unavailable",
+        }
+    }
+
     /// The `error.type` string clients dispatch on.
     pub fn wire_name(self) -> &'static str {
         match self {
@@ -62,6 +77,9 @@ impl ErrorKind {
 pub struct ApiError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Which gateway rule refused (`authentication`, `route`, `scope`, `ownership`, …), for
+    /// the audit record; defaults to the error type.
+    pub reason: &'static str,
 }
 
 impl ApiError {
@@ -69,7 +87,14 @@ impl ApiError {
         ApiError {
             kind,
             message: message.into(),
+            reason: kind.default_reason(),
         }
+    }
+
+    /// Names the rule that refused, for the audit record.
+    pub fn because(mut self, reason: &'static str) -> Self {
+        self.reason = reason;
+        self
     }
 
     pub fn status(&self) -> u32 {

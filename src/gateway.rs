@@ -50,6 +50,15 @@ pub struct Admitted {
     pub edits: Vec<HeaderEdit>,
 }
 
+/// A call the gateway answers itself, with what was known of it when it was refused (for the
+/// audit record: who tried what).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub error: ApiError,
+    pub principal: Option<Principal>,
+    pub operation: Option<Operation>,
+}
+
 /// Decides one request at `now_secs`; upstream keys and session affinities come from `keys`,
 /// `jwt` is what the host found of a verified token (`None`: no token, or JWT not configured).
 pub fn admit(
@@ -58,17 +67,51 @@ pub fn admit(
     keys: &dyn KeyRing,
     jwt: Option<Result<Claims, String>>,
     now_secs: u64,
-) -> Result<Admitted, ApiError> {
+) -> Result<Admitted, Box<Refusal>> {
     // A JWT verified by Envoy's jwt_authn (read from dynamic metadata, never from a header a
     // client could send) wins; otherwise a gateway key is required.
     let principal = match jwt {
-        Some(claims) => from_claims(claims)?,
+        Some(claims) => from_claims(claims),
         None => {
             let presented = presented_key(head.header("x-api-key"), head.header("authorization"));
-            authenticate(&plan.gateway_keys, presented, now_secs)?
+            authenticate(&plan.gateway_keys, presented, now_secs)
+        }
+    }
+    .map_err(|error| {
+        Box::new(Refusal {
+            error,
+            principal: None,
+            operation: None,
+        })
+    })?;
+    let operation = match classify_call(plan, head) {
+        Ok(operation) => operation,
+        Err(error) => {
+            return Err(Box::new(Refusal {
+                error,
+                principal: Some(principal),
+                operation: None,
+            }))
         }
     };
-    let operation = classify(&plan.routes, head.method, head.path).ok_or_else(|| {
+    match forward(plan, head, keys, &principal, &operation) {
+        Ok((credential, edits)) => Ok(Admitted {
+            operation,
+            principal,
+            credential,
+            edits,
+        }),
+        Err(error) => Err(Box::new(Refusal {
+            error,
+            principal: Some(principal),
+            operation: Some(operation),
+        })),
+    }
+}
+
+/// Default deny: the operation, or the 404 naming the call.
+fn classify_call(plan: &Plan, head: &RequestHead<'_>) -> Result<Operation, ApiError> {
+    classify(&plan.routes, head.method, head.path).ok_or_else(|| {
         let path = head.path.split_once('?').map_or(head.path, |(p, _)| p);
         ApiError::new(
             ErrorKind::NotFound,
@@ -78,11 +121,21 @@ pub fn admit(
                 excerpt(path, 200)
             ),
         )
-    })?;
+    })
+}
+
+/// Scopes, the upstream credential and the header edits of an authenticated, routed call.
+fn forward(
+    plan: &Plan,
+    head: &RequestHead<'_>,
+    keys: &dyn KeyRing,
+    principal: &Principal,
+    operation: &Operation,
+) -> Result<(String, Vec<HeaderEdit>), ApiError> {
     authorize(
         &plan.tenant_scopes(&principal.tenant),
         principal.scopes.as_deref(),
-        &operation,
+        operation,
     )?;
     let affinity = operation.id(IdKind::Session).and_then(|s| keys.affinity(s));
     let credential = choose(
@@ -102,12 +155,7 @@ pub fn admit(
         )
     })?;
     let edits = rewrite_request(plan, head.headers, &key)?;
-    Ok(Admitted {
-        operation,
-        principal,
-        credential,
-        edits,
-    })
+    Ok((credential, edits))
 }
 
 #[cfg(test)]
@@ -161,6 +209,7 @@ mod tests {
             None,
             0,
         )
+        .map_err(|refusal| refusal.error)
     }
 
     #[test]
@@ -227,6 +276,33 @@ mod tests {
             )),
             200
         );
+    }
+
+    #[test]
+    fn refusals_carry_what_was_known_for_the_audit() {
+        let headers = headers(&[("x-api-key", "gw-key")]);
+        let head = RequestHead {
+            method: "GET",
+            path: "/v1/messages",
+            headers: &headers,
+        };
+        let refusal = admit(&plan(), &head, &OneKey(Some("sk".into())), None, 0).unwrap_err();
+        assert_eq!(refusal.principal.map(|p| p.name), Some("dev".to_string()));
+        assert_eq!(refusal.operation, None);
+        let head = RequestHead {
+            method: "GET",
+            path: "/v1/agents",
+            headers: &headers,
+        };
+        let refusal = admit(&plan(), &head, &OneKey(None), None, 0).unwrap_err();
+        assert_eq!(refusal.operation.map(|o| o.family), Some(Family::Agents));
+        let anonymous = RequestHead {
+            method: "GET",
+            path: "/v1/agents",
+            headers: &[],
+        };
+        let refusal = admit(&plan(), &anonymous, &OneKey(None), None, 0).unwrap_err();
+        assert_eq!((refusal.principal, refusal.error.status()), (None, 401));
     }
 
     #[test]

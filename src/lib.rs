@@ -17,6 +17,7 @@
 //! | [`sha256`] | the digest used for key hashes |
 
 pub mod accounting;
+pub mod audit;
 pub mod config;
 pub mod credentials;
 pub mod errors;

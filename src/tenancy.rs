@@ -219,6 +219,7 @@ pub fn not_found(kind: IdKind, id: &str) -> ApiError {
         ErrorKind::NotFound,
         format!("{noun} {} not found", excerpt(id, MAX_ID_BYTES)),
     )
+    .because("ownership")
 }
 
 /// The store key caching the owner of `id`.
@@ -1080,10 +1081,10 @@ mod tests {
                 "acme",
                 &ids(&[(IdKind::Agent, "agent_theirs")])
             ),
-            Verdict::Deny(ApiError::new(
-                ErrorKind::NotFound,
-                "agent agent_theirs not found"
-            ))
+            Verdict::Deny(
+                ApiError::new(ErrorKind::NotFound, "agent agent_theirs not found")
+                    .because("ownership")
+            )
         );
         assert_eq!(
             check(
@@ -1113,10 +1114,10 @@ mod tests {
                     (IdKind::Environment, "env_old")
                 ])
             ),
-            Verdict::Deny(ApiError::new(
-                ErrorKind::NotFound,
-                "environment env_old not found"
-            ))
+            Verdict::Deny(
+                ApiError::new(ErrorKind::NotFound, "environment env_old not found")
+                    .because("ownership")
+            )
         );
         // The owner itself is fine; another tenant is not.
         assert_eq!(
@@ -1349,7 +1350,7 @@ mod tests {
         let vault = json!({"id": "vlt_1", "type": "vault", "metadata": {TAG: "globex"}});
         assert_eq!(
             rewrite("GET", "/v1/vaults/vlt_1", 200, &vault, &deny(), &store),
-            Err(ApiError::new(ErrorKind::NotFound, "vault vlt_1 not found"))
+            Err(ApiError::new(ErrorKind::NotFound, "vault vlt_1 not found").because("ownership"))
         );
         assert_eq!(
             cached_owner(&store, "vlt_1"),

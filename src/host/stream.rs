@@ -27,6 +27,7 @@ use super::lookup;
 use super::metrics::Metrics;
 use super::store::SharedData;
 use crate::accounting;
+use crate::audit;
 use crate::config::Plan;
 use crate::credentials::KeyRing;
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
@@ -76,6 +77,8 @@ pub struct GatewayStream {
     gate: Gate,
     /// The (small) JSON body of a create/update call is still to be checked and tagged.
     body_pending: bool,
+    /// A `POST …/events` body whose event types the audit record lists.
+    events_pending: bool,
     /// Envoy's `x-request-id` of this request, for the `request_id` of gateway answers.
     envoy_request_id: Option<String>,
     pending: HashMap<u32, Pending>,
@@ -97,6 +100,7 @@ impl GatewayStream {
             status: 0,
             gate: Gate::Open,
             body_pending: false,
+            events_pending: false,
             envoy_request_id: None,
             pending: HashMap::new(),
             meter: None,
@@ -125,6 +129,10 @@ impl GatewayStream {
         ];
         self.status = error.status();
         self.gate = Gate::Refused;
+        self.audit(vec![
+            ("decision", "refused".to_string()),
+            ("reason", format!("{}: {}", error.reason, error.message)),
+        ]);
         self.metrics
             .borrow_mut()
             .add(&metrics::REFUSALS, &[error.kind.wire_name()], 1);
@@ -142,6 +150,20 @@ impl GatewayStream {
             );
         }
         Action::Pause
+    }
+
+    /// Stores audit fields as filter state for the audit access log.
+    fn audit(&self, fields: Vec<(&'static str, String)>) {
+        for (name, value) in fields {
+            let key = format!("{}{name}", audit::PROPERTY_PREFIX);
+            if let Err(status) = hostcalls::set_property(vec![key.as_str()], Some(value.as_bytes()))
+            {
+                log::debug!(
+                    "#{} cannot set audit field {name}: {status:?}",
+                    self.context_id
+                );
+            }
+        }
     }
 
     fn apply(edits: &[HeaderEdit]) -> Result<(), Status> {
@@ -252,6 +274,30 @@ impl GatewayStream {
                 log::error!("#{} cannot resume the request: {status:?}", self.context_id);
             }
         }
+    }
+
+    /// Collects a (small) `POST …/events` body to record the event types sent; a body over the
+    /// inspection cap is let through unread (the audit says so) rather than refused.
+    fn audit_events(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let cap = self.plan.as_ref().map_or(0, |p| p.isolation.max_body_bytes);
+        if body_size > cap {
+            self.events_pending = false;
+            self.audit(vec![(
+                "events",
+                "unread (body over the inspection cap)".to_string(),
+            )]);
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.events_pending = false;
+        let types = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(body) => audit::event_types(&body.unwrap_or_default()),
+            Err(_) => "unread".to_string(),
+        };
+        self.audit(vec![("events", types)]);
+        Action::Continue
     }
 
     /// Create/update calls on owned resources: the body is needed (references, tagging).
@@ -453,8 +499,22 @@ impl HttpContext for GatewayStream {
         let jwt = plan.jwt.as_ref().and_then(claims::verified_claims);
         let admitted = match gateway::admit(&plan, &head, &SharedKeys, jwt, now_ms() / 1000) {
             Ok(admitted) => admitted,
-            Err(error) => return self.refuse(&error),
+            Err(refusal) => {
+                self.audit(audit::decision_fields(
+                    &plan.audit,
+                    refusal.principal.as_ref(),
+                    refusal.operation.as_ref(),
+                    Some(&refusal.error),
+                ));
+                return self.refuse(&refusal.error);
+            }
         };
+        self.audit(audit::decision_fields(
+            &plan.audit,
+            Some(&admitted.principal),
+            Some(&admitted.operation),
+            None,
+        ));
         if let Err(status) = Self::apply(&admitted.edits) {
             log::error!(
                 "#{} cannot rewrite request headers: {status:?}",
@@ -475,6 +535,10 @@ impl HttpContext for GatewayStream {
         );
         let op = admitted.operation.clone();
         self.admitted = Some(admitted);
+        if op.action == RouteAction::SendEvents && !end_of_stream {
+            // Which event types were sent (never their content) goes to the audit record.
+            self.events_pending = true;
+        }
         if !plan.isolation.enabled {
             return Action::Continue;
         }
@@ -506,6 +570,9 @@ impl HttpContext for GatewayStream {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if self.gate != Gate::Open {
             return Action::Pause;
+        }
+        if self.events_pending {
+            return self.audit_events(body_size, end_of_stream);
         }
         if !self.body_pending {
             return Action::Continue;

@@ -38,8 +38,11 @@ def main() -> int:
         upstream = stack.Upstream("http", emulator.host, emulator.port)
         where = f"the bundled emulator at {emulator.url} (no ANTHROPIC_API_KEY set)"
 
+    audit_log = stack.ROOT / ".run" / "audit.log"
+    audit_log.parent.mkdir(exist_ok=True)
     config = stack.render_envoy_config(
-        upstream=upstream, listen_port=listen_port, admin_port=admin_port, gateway_keys={"dev": gateway_key}
+        upstream=upstream, listen_port=listen_port, admin_port=admin_port, gateway_keys={"dev": gateway_key},
+        audit_path=audit_log,
     )
     envoy = stack.Envoy(config=config, env=stack.envoy_env(api_key))
     try:
@@ -55,6 +58,7 @@ ma-gateway is up.
   upstream  {where}
   key       GATEWAY_KEY={gateway_key}
   envoy log {envoy.log_path}
+  audit log {audit_log}
 
 Try it:
   curl -s http://127.0.0.1:{envoy.listen_port}/v1/agents \\

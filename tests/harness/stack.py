@@ -184,6 +184,7 @@ def render_envoy_config(
     plugin_overrides: dict | None = None,
     wasm_path: Path = WASM,
     admin_address: str = "127.0.0.1",
+    audit_path: Path | None = None,
 ) -> dict:
     """The shipped envoy.yaml with this stack's ports, upstream and keys filled in."""
     config = yaml.safe_load(ENVOY_YAML.read_text())
@@ -195,6 +196,9 @@ def render_envoy_config(
     wasm["vm_config"]["code"]["local"]["filename"] = str(wasm_path)
     plugin = json.loads(wasm["configuration"]["value"])
     plugin["upstream"]["authority"] = upstream.authority
+    for log in hcm["access_log"]:
+        if log["name"] == "envoy.access_loggers.file":
+            log["typed_config"]["path"] = str(audit_path) if audit_path else "/dev/null"
     plugin["gateway_keys"] = [{"name": name, "sha256": sha256_hex(key)} for name, key in gateway_keys.items()]
     for key, value in (plugin_overrides or {}).items():
         if isinstance(value, dict) and isinstance(plugin.get(key), dict):
@@ -250,6 +254,8 @@ class Envoy:
                 "--disable-hot-restart",
                 "--admin-address-path", str(admin_path),
                 "--log-level", self.log_level,
+                # Access (audit) logs reach their file within 100 ms, so tests need not wait long.
+                "--file-flush-interval-msec", "100",
                 "--component-log-level", "wasm:info",
             ],
             stdout=log_file,
