@@ -14,6 +14,8 @@ use crate::accounting::Limits;
 use crate::audit::AuditRules;
 use crate::credentials::DEFAULT_CREDENTIAL;
 use crate::jwt::{rules_from_json, JwtRules};
+use crate::limits::LimitRules;
+use crate::policy::PolicyRules;
 use crate::pricing::PriceTable;
 use crate::routes::{Neighbour, RouteRules};
 use crate::scopes::Scope;
@@ -62,6 +64,10 @@ pub struct Plan {
     /// Identity from JWTs verified by Envoy's `jwt_authn` filter, when configured.
     pub jwt: Option<JwtRules>,
     pub audit: AuditRules,
+    /// Request rates, concurrent streams and token/cost budgets (per Envoy process).
+    pub limits: LimitRules,
+    /// What agents, sessions, environments and vaults may be.
+    pub policy: PolicyRules,
     pub metering: Metering,
 }
 
@@ -246,18 +252,17 @@ impl Plan {
         };
         let jwt = match root.take("jwt") {
             None => None,
-            Some(value) => Some(rules_from_json(&value, "jwt").map_err(|message| {
-                match message.split_once(": ") {
-                    Some((at, rest)) if at.starts_with("jwt") => ConfigError {
-                        path: at.to_string(),
-                        message: rest.to_string(),
-                    },
-                    _ => ConfigError {
-                        path: "jwt".into(),
-                        message,
-                    },
-                }
-            })?),
+            Some(value) => Some(rules_from_json(&value, "jwt").map_err(|m| located("jwt", m))?),
+        };
+        let limits = match root.take("limits") {
+            None => LimitRules::default(),
+            Some(value) => crate::limits::rules_from_json(&value, "limits")
+                .map_err(|m| located("limits", m))?,
+        };
+        let policy = match root.take("policy") {
+            None => PolicyRules::default(),
+            Some(value) => crate::policy::rules_from_json(&value, "policy")
+                .map_err(|m| located("policy", m))?,
         };
         let gateway_keys = parse_gateway_keys(&mut root, &tenants)?;
         let metering = parse_metering(root.opt_obj("metering")?)?;
@@ -272,6 +277,8 @@ impl Plan {
             isolation,
             jwt,
             audit,
+            limits,
+            policy,
             metering,
         })
     }
@@ -412,19 +419,8 @@ fn parse_metering(obj: Option<Obj>) -> Result<Metering, ConfigError> {
     }
     if let Some(value) = obj.take("pricing") {
         let path = obj.child_path("pricing");
-        metering.prices = PriceTable::from_json_value(&value, &path).map_err(|message| {
-            // The price table reports `path: message`; keep the two apart like every other error.
-            match message.split_once(": ") {
-                Some((at, rest)) if at.starts_with(&path) => ConfigError {
-                    path: at.to_string(),
-                    message: rest.to_string(),
-                },
-                _ => ConfigError {
-                    path: path.clone(),
-                    message,
-                },
-            }
-        })?;
+        metering.prices =
+            PriceTable::from_json_value(&value, &path).map_err(|m| located(&path, m))?;
     }
     obj.finish()?;
     Ok(metering)
@@ -475,6 +471,20 @@ fn parse_credentials(
         );
     }
     Ok(sources)
+}
+
+/// Splits a sub-parser's `path: message` error into a [`ConfigError`] under `section`.
+fn located(section: &str, message: String) -> ConfigError {
+    match message.split_once(": ") {
+        Some((at, rest)) if at.starts_with(section) => ConfigError {
+            path: at.to_string(),
+            message: rest.to_string(),
+        },
+        _ => ConfigError {
+            path: section.to_string(),
+            message,
+        },
+    }
 }
 
 fn parse_isolation(obj: Option<Obj>, tenants_declared: bool) -> Result<Isolation, ConfigError> {
@@ -1025,6 +1035,14 @@ mod tests {
         assert_eq!(
             err(r#"{"api_version":"v1","tenants":[{"name":"a","scopes":["x"]}]}"#),
             "config error at tenants[0].scopes[0]: scope \"x\" is not family:action"
+        );
+        assert!(err(
+            r#"{"api_version":"v1","limits":{"per_tenant":{"create":{"per_minute":"x"}}}}"#
+        )
+        .starts_with("config error at limits.per_tenant.create.per_minute: "));
+        assert!(
+            err(r#"{"api_version":"v1","policy":{"tenants":{"*":{"vaults":"no"}}}}"#)
+                .starts_with("config error at policy.tenants.*.vaults: ")
         );
         assert_eq!(
             err(r#"{"api_version":"v1","audit":{"redact":true}}"#),

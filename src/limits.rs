@@ -57,10 +57,18 @@
 //! Errors name the field path: `limits.tenants.acme.create.per_minute: expected an integer from
 //! 1 to 6000000, found 0`. Unknown fields are errors (a typo must not disable a limit).
 //!
-//! # Failure
+//! # Failure and exactness
 //! Every write is a compare-and-swap retried [`CAS_ATTEMPTS`] times; a [`StoreError`] is handed
 //! to the caller, who decides whether to fail open (availability) or closed. Reads never fail:
 //! an undecodable value (only a bug can write one) is treated as absent and overwritten.
+//!
+//! Counting is exact once a key exists. The one gap is a key's very first write: Envoy inserts
+//! a missing key whatever compare-and-swap token the write carries (see [`crate::store`]), so
+//! workers that all saw the key missing each write from a fresh state, and all but the last
+//! write are lost — at most one extra request, stream or unrecorded charge per such worker,
+//! once per key and process lifetime. [`prepare_key`] closes the gap: called before traffic
+//! (e.g. from `on_configure` for the configured tenants' keys) it creates the key empty, and
+//! the first real write is then compare-and-swap protected like every other.
 
 use std::collections::BTreeMap;
 
@@ -425,7 +433,8 @@ fn decode_pair(bytes: &[u8]) -> Option<(u64, u64)> {
 /// The stored value is `"<level in milli-requests> <last refill ms>"`, e.g. `"49000
 /// 1700000000000"`. Admission is a compare-and-swap of the value read, so workers racing for
 /// the last request cannot both get it: the loser re-reads and sees the bucket empty. Over any
-/// run the admitted count is at most `burst` plus what refilled. A denial writes nothing.
+/// run the admitted count is at most `burst` plus what refilled (for a key that existed before
+/// the race, see [`prepare_key`]). A denial writes nothing.
 pub fn admit(
     store: &dyn Store,
     rate: &Rate,
@@ -466,6 +475,17 @@ pub fn admit(
         // `update` returns `Ok(None)` only when the closure declined, which sets `denied`.
         (None, None) => Err(StoreError::Other("rate limit: no decision".into())),
     }
+}
+
+/// Creates `key` empty ("absent", see [`crate::store`]) if it was never written, so that the
+/// first real write to it is compare-and-swap protected. Returns whether it wrote. Harmless on
+/// any key this module uses, at any time the key is missing; call it before traffic can race.
+pub fn prepare_key(store: &dyn Store, key: &str) -> Result<bool, StoreError> {
+    if store.get(key).is_some() {
+        return Ok(false);
+    }
+    store.set(key, b"", None)?;
+    Ok(true)
 }
 
 /// The 429 answer to a denied call and its headers: `retry-after` (whole seconds, rounded up,
@@ -536,9 +556,7 @@ pub fn close_stream(store: &dyn Store, key: &str) -> Result<(), StoreError> {
 
 /// Streams open at `key` now.
 pub fn open_streams(store: &dyn Store, key: &str) -> u64 {
-    store
-        .get(key)
-        .map_or(0, |(bytes, _)| decode_count(&bytes))
+    store.get(key).map_or(0, |(bytes, _)| decode_count(&bytes))
 }
 
 /// The 429 answer when a scope has `max` streams open already. There is no retry time to
@@ -1059,5 +1077,950 @@ fn type_name(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::routes::{Family, IdKind};
+    use crate::store::MemoryStore;
+    use crate::time::parse_rfc3339_utc;
+
+    fn at(text: &str) -> u64 {
+        parse_rfc3339_utc(text).unwrap()
+    }
+
+    fn rate(per_minute: u64, burst: u64) -> Rate {
+        Rate { per_minute, burst }
+    }
+
+    fn allowed(remaining: u64, limit: u64, reset_ms: u64) -> Admission {
+        Admission::Allowed {
+            remaining,
+            limit,
+            reset_ms,
+        }
+    }
+
+    fn text(store: &MemoryStore, key: &str) -> String {
+        String::from_utf8(store.value(key).unwrap()).unwrap()
+    }
+
+    // ---- classes and keys ----
+
+    #[test]
+    fn every_action_has_its_class() {
+        let table = [
+            (Action::Create, Class::Create),
+            (Action::Update, Class::Create),
+            (Action::Archive, Class::Create),
+            (Action::Delete, Class::Create),
+            (Action::SendEvents, Class::Create),
+            (Action::Read, Class::Read),
+            (Action::List, Class::Read),
+            (Action::Stream, Class::Stream),
+        ];
+        for (action, class) in table {
+            let op = Operation {
+                family: Family::Sessions,
+                action,
+                ids: vec![(IdKind::Session, "sesn_1".into())],
+            };
+            assert_eq!(class_of(&op), class, "{action:?}");
+        }
+        assert_eq!(Class::ALL.map(Class::as_str), ["create", "read", "stream"]);
+    }
+
+    #[test]
+    fn keys_are_namespaced_by_scope_name_and_class() {
+        assert_eq!(
+            bucket_key(LimitScope::Tenant, "acme", Class::Create),
+            "ma_gateway.rl.tenant.acme.create"
+        );
+        assert_eq!(
+            bucket_key(LimitScope::Principal, "acme/key-1", Class::Stream),
+            "ma_gateway.rl.principal.acme/key-1.stream"
+        );
+        assert_eq!(
+            streams_key(LimitScope::Tenant, "acme"),
+            "ma_gateway.streams.tenant.acme"
+        );
+        assert_eq!(usage_key("acme", Window::Day), "ma_gateway.budget.acme.day");
+    }
+
+    // ---- config ----
+
+    #[test]
+    fn full_config_compiles_and_overrides_merge_field_by_field() {
+        let rules = rules_from_json(
+            &json!({
+                "per_tenant": {"create": {"per_minute": 300, "burst": 50},
+                               "read": {"per_minute": 600},
+                               "stream": {"per_minute": 60, "burst": 10},
+                               "concurrent_streams": 20},
+                "per_principal": {"create": {"per_minute": 60, "burst": 10},
+                                  "concurrent_streams": 5},
+                "tenants": {"acme": {"create": {"per_minute": 1000, "burst": 100},
+                                     "read": null,
+                                     "per_principal": {"concurrent_streams": 10,
+                                                       "create": null}}},
+                "budgets": {"tenants": {
+                    "acme": {"tokens_per_minute": 100000, "tokens_per_day": 5000000,
+                             "microdollars_per_day": 50000000,
+                             "microdollars_per_month": 1000000000},
+                    "*": {"microdollars_per_day": 0}}}
+            }),
+            "limits",
+        )
+        .unwrap();
+        let base = LimitSet {
+            create: Some(rate(300, 50)),
+            read: Some(rate(600, 600)),
+            stream: Some(rate(60, 10)),
+            concurrent_streams: Some(20),
+        };
+        assert_eq!(rules.per_tenant, base);
+        assert_eq!(rules.limits(LimitScope::Tenant, "other"), base);
+        assert_eq!(
+            rules.limits(LimitScope::Tenant, "acme"),
+            LimitSet {
+                create: Some(rate(1000, 100)),
+                read: None,
+                stream: Some(rate(60, 10)),
+                concurrent_streams: Some(20),
+            }
+        );
+        assert_eq!(
+            rules.limits(LimitScope::Principal, "other"),
+            LimitSet {
+                create: Some(rate(60, 10)),
+                read: None,
+                stream: None,
+                concurrent_streams: Some(5),
+            }
+        );
+        assert_eq!(
+            rules.limits(LimitScope::Principal, "acme"),
+            LimitSet {
+                create: None,
+                read: None,
+                stream: None,
+                concurrent_streams: Some(10),
+            }
+        );
+        assert_eq!(
+            rules.rate(LimitScope::Tenant, "acme", Class::Create),
+            Some(rate(1000, 100))
+        );
+        assert_eq!(rules.max_streams(LimitScope::Principal, "acme"), Some(10));
+        assert_eq!(
+            rules.budgets.for_tenant("acme"),
+            Some(&Budget {
+                tokens_per_minute: Some(100_000),
+                tokens_per_day: Some(5_000_000),
+                microdollars_per_day: Some(50_000_000),
+                microdollars_per_month: Some(1_000_000_000),
+                ..Budget::default()
+            })
+        );
+        assert_eq!(
+            rules.budgets.for_tenant("someone"),
+            Some(&Budget {
+                microdollars_per_day: Some(0),
+                ..Budget::default()
+            })
+        );
+    }
+
+    #[test]
+    fn empty_config_limits_nothing() {
+        let rules = rules_from_json(&json!({}), "limits").unwrap();
+        assert_eq!(rules, LimitRules::default());
+        for class in Class::ALL {
+            assert_eq!(rules.rate(LimitScope::Tenant, "acme", class), None);
+        }
+        assert_eq!(rules.budgets.for_tenant("acme"), None);
+        // `null` in a base set is the same as absent.
+        let rules = rules_from_json(&json!({"per_tenant": {"create": null}}), "").unwrap();
+        assert_eq!(rules.per_tenant, LimitSet::default());
+    }
+
+    #[test]
+    fn config_errors_name_the_field_path() {
+        let err = |v: Value| rules_from_json(&v, "limits").unwrap_err();
+        let table = [
+            (json!([]), "limits: expected an object, found an array"),
+            (json!({"per_tennant": {}}), "limits.per_tennant: unknown field"),
+            (
+                json!({"tenants": {"acme": {"create": {"per_minute": 0}}}}),
+                "limits.tenants.acme.create.per_minute: expected an integer from 1 to 6000000, found 0",
+            ),
+            (
+                json!({"tenants": {"acme": {"create": {"per_minute": 1.5}}}}),
+                "limits.tenants.acme.create.per_minute: expected an integer from 1 to 6000000, found 1.5",
+            ),
+            (
+                json!({"tenants": {"acme": {"create": {"per_minute": "300"}}}}),
+                "limits.tenants.acme.create.per_minute: expected an integer, found a string",
+            ),
+            (
+                json!({"per_tenant": {"create": {"burst": 5}}}),
+                "limits.per_tenant.create.per_minute: missing (an integer is required)",
+            ),
+            (
+                json!({"per_tenant": {"read": {"per_minute": 5, "burst": 6000001}}}),
+                "limits.per_tenant.read.burst: expected an integer from 1 to 6000000, found 6000001",
+            ),
+            (
+                json!({"per_tenant": {"read": {"per_minute": 5, "rate": 1}}}),
+                "limits.per_tenant.read.rate: unknown field",
+            ),
+            (
+                json!({"per_tenant": {"create": 300}}),
+                "limits.per_tenant.create: expected an object, found a number",
+            ),
+            (
+                json!({"per_tenant": {"concurrent_streams": 0}}),
+                "limits.per_tenant.concurrent_streams: expected an integer from 1 to 1000000, found 0",
+            ),
+            (
+                json!({"per_principal": {"per_principal": {}}}),
+                "limits.per_principal.per_principal: unknown field",
+            ),
+            (
+                json!({"tenants": []}),
+                "limits.tenants: expected an object, found an array",
+            ),
+            (
+                json!({"tenants": {"*": {}}}),
+                "limits.tenants: invalid tenant name \"*\" (expected [A-Za-z0-9_.-]+; per_tenant is the default)",
+            ),
+            (
+                json!({"tenants": {"acme": {"per_principal": {"stream": {"per_minute": -1}}}}}),
+                "limits.tenants.acme.per_principal.stream.per_minute: expected an integer from 1 to 6000000, found -1",
+            ),
+            (
+                json!({"tenants": {"acme": {"per_principal": {"per_principal": {}}}}}),
+                "limits.tenants.acme.per_principal.per_principal: unknown field",
+            ),
+            (
+                json!({"tenants": {"acme": {"budget": {}}}}),
+                "limits.tenants.acme.budget: unknown field",
+            ),
+            (
+                json!({"budgets": {"tenant": {}}}),
+                "limits.budgets.tenant: unknown field",
+            ),
+            (
+                json!({"budgets": {"tenants": {"a b": {}}}}),
+                "limits.budgets.tenants: invalid tenant name \"a b\" (expected [A-Za-z0-9_.-]+ or *)",
+            ),
+            (
+                json!({"budgets": {"tenants": {"acme": {"microdollars_per_day": -1}}}}),
+                "limits.budgets.tenants.acme.microdollars_per_day: expected a non-negative integer, found -1",
+            ),
+            (
+                json!({"budgets": {"tenants": {"acme": {"dollars_per_day": 5}}}}),
+                "limits.budgets.tenants.acme.dollars_per_day: unknown field",
+            ),
+            (
+                json!({"budgets": {"tenants": {"acme": []}}}),
+                "limits.budgets.tenants.acme: expected an object, found an array",
+            ),
+        ];
+        for (value, expected) in table {
+            assert_eq!(err(value.clone()), expected, "{value}");
+        }
+        assert_eq!(
+            rules_from_json(&json!(1), "").unwrap_err(),
+            "(root): expected an object, found a number"
+        );
+        assert_eq!(
+            rules_from_json(&json!({"x": 1}), "").unwrap_err(),
+            "x: unknown field"
+        );
+    }
+
+    // ---- token buckets ----
+
+    #[test]
+    fn refill_steps_are_whole_milli_requests() {
+        // (per_minute) → (chunk ms, milli-requests per chunk)
+        let table = [
+            (60, (1, 1)),
+            (300, (1, 5)),
+            (90, (2, 3)),
+            (50, (6, 5)),
+            (7, (60, 7)),
+            (1, (60, 1)),
+            (6_000_000, (1, 100_000)),
+        ];
+        for (per_minute, step) in table {
+            assert_eq!(refill_step(per_minute), step, "{per_minute}");
+        }
+    }
+
+    #[test]
+    fn admit_spends_the_burst_then_refills_exactly() {
+        let store = MemoryStore::new();
+        let r = rate(60, 3);
+        let key = "ma_gateway.rl.tenant.acme.create";
+        assert_eq!(admit(&store, &r, key, 0), Ok(allowed(2, 3, 1_000)));
+        assert_eq!(text(&store, key), "2000 0");
+        assert_eq!(admit(&store, &r, key, 0), Ok(allowed(1, 3, 2_000)));
+        assert_eq!(admit(&store, &r, key, 0), Ok(allowed(0, 3, 3_000)));
+        let denied = Admission::Denied {
+            retry_after_ms: 1_000,
+            limit: 3,
+        };
+        assert_eq!(admit(&store, &r, key, 0), Ok(denied));
+        let writes = store.writes();
+        assert_eq!(
+            admit(&store, &r, key, 999),
+            Ok(Admission::Denied {
+                retry_after_ms: 1,
+                limit: 3
+            })
+        );
+        assert_eq!(store.writes(), writes, "a denial writes nothing");
+        assert_eq!(admit(&store, &r, key, 1_000), Ok(allowed(0, 3, 3_000)));
+        assert_eq!(text(&store, key), "0 1000");
+        // 2.5 s later: 2.5 requests refilled; two are taken, half of one is left.
+        assert_eq!(admit(&store, &r, key, 3_500), Ok(allowed(1, 3, 1_500)));
+        assert_eq!(admit(&store, &r, key, 3_500), Ok(allowed(0, 3, 2_500)));
+        assert_eq!(text(&store, key), "500 3500");
+        assert_eq!(
+            admit(&store, &r, key, 3_500),
+            Ok(Admission::Denied {
+                retry_after_ms: 500,
+                limit: 3
+            })
+        );
+        // A long idle period fills the bucket, never beyond `burst`.
+        assert_eq!(admit(&store, &r, key, 1_000_000), Ok(allowed(2, 3, 1_000)));
+        assert_eq!(text(&store, key), "2000 1000000");
+    }
+
+    #[test]
+    fn slow_awkward_rates_lose_no_refill_to_rounding() {
+        // 7 a minute, polled every 10 ms for ten minutes with every call admitted when possible.
+        let store = MemoryStore::new();
+        let r = rate(7, 2);
+        let mut admitted = 0;
+        for now in (0..=600_000).step_by(10) {
+            if admit(&store, &r, "k", now).unwrap().is_allowed() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 2 + 70);
+        // 1 a minute: the request arrives exactly at 60 s, not a step later.
+        let store = MemoryStore::new();
+        let r = rate(1, 1);
+        assert!(admit(&store, &r, "k", 0).unwrap().is_allowed());
+        assert_eq!(
+            admit(&store, &r, "k", 59_999),
+            Ok(Admission::Denied {
+                retry_after_ms: 1,
+                limit: 1
+            })
+        );
+        assert_eq!(admit(&store, &r, "k", 60_000), Ok(allowed(0, 1, 60_000)));
+    }
+
+    #[test]
+    fn a_smaller_burst_applies_at_once_and_a_late_clock_gets_no_refill() {
+        let store = MemoryStore::new();
+        store.set("k", b"50000 1000", None).unwrap();
+        assert_eq!(
+            admit(&store, &rate(60, 5), "k", 1_000),
+            Ok(allowed(4, 5, 1_000))
+        );
+        assert_eq!(text(&store, "k"), "4000 1000");
+        // Another worker's clock was ahead: ours at 500 ms sees no time passing.
+        assert_eq!(
+            admit(&store, &rate(60, 5), "k", 500),
+            Ok(allowed(3, 5, 2_500))
+        );
+        assert_eq!(text(&store, "k"), "3000 1000");
+    }
+
+    #[test]
+    fn an_undecodable_bucket_starts_full() {
+        let store = MemoryStore::new();
+        store.set("k", b"garbage", None).unwrap();
+        assert_eq!(
+            admit(&store, &rate(60, 2), "k", 7),
+            Ok(allowed(1, 2, 1_000))
+        );
+        assert_eq!(text(&store, "k"), "1000 7");
+    }
+
+    #[test]
+    fn cas_conflicts_are_retried_and_consume_exactly_one_request() {
+        let store = MemoryStore::new();
+        let r = rate(60, 10);
+        admit(&store, &r, "k", 0).unwrap();
+        store.inject_cas_conflicts(3);
+        assert_eq!(admit(&store, &r, "k", 0), Ok(allowed(8, 10, 2_000)));
+        assert_eq!(store.pending_cas_conflicts(), 0);
+        assert_eq!(text(&store, "k"), "8000 0");
+        store.inject_cas_conflicts(CAS_ATTEMPTS);
+        assert_eq!(admit(&store, &r, "k", 0), Err(StoreError::CasMismatch));
+        assert_eq!(text(&store, "k"), "8000 0");
+    }
+
+    /// A store where every other read is followed, before the reader can write, by another
+    /// worker's complete admission: the reader's compare-and-swap then fails and it re-reads.
+    struct Racing<'a> {
+        inner: &'a MemoryStore,
+        rate: Rate,
+        now: Cell<u64>,
+        reads: Cell<u64>,
+        nested_admitted: Cell<u64>,
+    }
+
+    impl Store for Racing<'_> {
+        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+            let current = self.inner.get(key);
+            let n = self.reads.get();
+            self.reads.set(n + 1);
+            if n % 2 == 0 {
+                if let Ok(a) = admit(self.inner, &self.rate, key, self.now.get()) {
+                    if a.is_allowed() {
+                        self.nested_admitted.set(self.nested_admitted.get() + 1);
+                    }
+                }
+            }
+            current
+        }
+
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn racing_workers_never_admit_more_than_burst_plus_refill() {
+        let inner = MemoryStore::new();
+        assert_eq!(prepare_key(&inner, "k"), Ok(true));
+        let racing = Racing {
+            inner: &inner,
+            rate: rate(60, 10),
+            now: Cell::new(0),
+            reads: Cell::new(0),
+            nested_admitted: Cell::new(0),
+        };
+        let (mut outer_admitted, mut calls, mut conflicts) = (0u64, 0u64, 0u64);
+        // Ten seconds in 100 ms steps, three workers a step, plus the racing ones: far more
+        // demand than 1 request a second.
+        for step in 0..=100u64 {
+            racing.now.set(step * 100);
+            for worker in 0..3u64 {
+                if (step + worker) % 7 == 0 {
+                    inner.inject_cas_conflicts(2);
+                }
+                calls += 1;
+                match admit(&racing, &racing.rate, "k", step * 100) {
+                    Ok(a) if a.is_allowed() => outer_admitted += 1,
+                    Ok(_) => {}
+                    Err(StoreError::CasMismatch) => conflicts += 1,
+                    Err(other) => panic!("{other}"),
+                }
+            }
+        }
+        let total = outer_admitted + racing.nested_admitted.get();
+        // 10 in the initial burst + 10 refilled over 10 s: exactly, whoever won each race.
+        assert_eq!(total, 20);
+        assert!(outer_admitted > 0 && racing.nested_admitted.get() > 0);
+        assert!(calls * 2 > total * 10, "demand far exceeded the limit");
+        // Every outer call either decided or ran out of attempts; none was lost silently.
+        assert!(conflicts < calls);
+    }
+
+    /// Admissions at one instant by 100 outer workers and the racing ones they provoke.
+    fn admitted_at_one_instant(inner: &MemoryStore) -> u64 {
+        let racing = Racing {
+            inner,
+            rate: rate(300, 50),
+            now: Cell::new(5_000),
+            reads: Cell::new(0),
+            nested_admitted: Cell::new(0),
+        };
+        let outer = (0..100)
+            .filter(|_| {
+                admit(&racing, &racing.rate, "k", 5_000)
+                    .map(|a| a.is_allowed())
+                    .unwrap_or(false)
+            })
+            .count() as u64;
+        outer + racing.nested_admitted.get()
+    }
+
+    #[test]
+    fn a_hundred_workers_at_one_instant_get_exactly_the_burst() {
+        let inner = MemoryStore::new();
+        prepare_key(&inner, "k").unwrap();
+        assert_eq!(admitted_at_one_instant(&inner), 50);
+        // Preparing an existing key writes nothing.
+        let writes = inner.writes();
+        assert_eq!(prepare_key(&inner, "k"), Ok(false));
+        assert_eq!(inner.writes(), writes);
+    }
+
+    #[test]
+    fn an_unprepared_key_can_lose_its_first_write_once() {
+        // Two workers see the key missing; the creating writes are not compare-and-swap
+        // protected, so the first admission is overwritten: one extra request, once.
+        let inner = MemoryStore::new();
+        assert_eq!(admitted_at_one_instant(&inner), 51);
+        assert_eq!(admitted_at_one_instant(&inner), 0);
+    }
+
+    #[test]
+    fn prepared_keys_read_as_absent_everywhere() {
+        let store = MemoryStore::new();
+        for key in ["b", "s", "ma_gateway.budget.acme.day"] {
+            prepare_key(&store, key).unwrap();
+            assert_eq!(store.value(key), Some(vec![]));
+        }
+        assert_eq!(
+            admit(&store, &rate(60, 2), "b", 0),
+            Ok(allowed(1, 2, 1_000))
+        );
+        assert_eq!(open_streams(&store, "s"), 0);
+        assert_eq!(open_stream(&store, "s", 1), Ok(true));
+        assert_eq!(usage(&store, "acme", Window::Day, 0), (0, 0));
+        charge(&store, "acme", 1, 2, 0).unwrap();
+        assert_eq!(usage(&store, "acme", Window::Day, 0), (1, 2));
+    }
+
+    #[test]
+    fn rate_limited_answer_and_headers() {
+        let (error, headers) = rate_limited(Class::Create, 1_200, 50);
+        assert_eq!(error.status(), 429);
+        assert_eq!(error.kind.wire_name(), "rate_limit_error");
+        assert_eq!(
+            error.message,
+            "rate limit exceeded for create requests (limit 50); retry after 2 s"
+        );
+        let expected: Vec<(String, String)> = [
+            ("retry-after", "2"),
+            ("retry-after-ms", "1200"),
+            ("x-ratelimit-limit", "50"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "2"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(headers, expected);
+        // Never `retry-after: 0`.
+        let (error, headers) = rate_limited(Class::Stream, 0, 1);
+        assert_eq!(
+            error.message,
+            "rate limit exceeded for stream requests (limit 1); retry after 1 s"
+        );
+        assert_eq!(headers[0], ("retry-after".into(), "1".into()));
+        assert_eq!(headers[1], ("retry-after-ms".into(), "0".into()));
+        assert_eq!(rate_limited(Class::Read, 3_000, 9).1[0].1, "3");
+    }
+
+    #[test]
+    fn admitted_calls_carry_informational_headers() {
+        assert_eq!(
+            allowed(7, 10, 2_001).headers(),
+            vec![
+                ("x-ratelimit-limit".to_string(), "10".to_string()),
+                ("x-ratelimit-remaining".to_string(), "7".to_string()),
+                ("x-ratelimit-reset".to_string(), "3".to_string()),
+            ]
+        );
+        let denied = Admission::Denied {
+            retry_after_ms: 5,
+            limit: 1,
+        };
+        assert!(denied.headers().is_empty());
+        assert!(!denied.is_allowed());
+    }
+
+    // ---- concurrent streams ----
+
+    #[test]
+    fn streams_open_up_to_max_and_close_never_below_zero() {
+        let store = MemoryStore::new();
+        let key = streams_key(LimitScope::Tenant, "acme");
+        assert_eq!(open_stream(&store, &key, 2), Ok(true));
+        assert_eq!(open_stream(&store, &key, 2), Ok(true));
+        let writes = store.writes();
+        assert_eq!(open_stream(&store, &key, 2), Ok(false));
+        assert_eq!(store.writes(), writes, "a refusal writes nothing");
+        assert_eq!(open_streams(&store, &key), 2);
+        close_stream(&store, &key).unwrap();
+        assert_eq!(text(&store, &key), "1");
+        assert_eq!(open_stream(&store, &key, 2), Ok(true));
+        for _ in 0..5 {
+            close_stream(&store, &key).unwrap();
+        }
+        assert_eq!(text(&store, &key), "0");
+        assert_eq!(open_streams(&store, &key), 0);
+        // Closing a never-opened key writes nothing.
+        close_stream(&store, "never").unwrap();
+        assert_eq!(store.value("never"), None);
+        // A lowered max refuses until enough streams close.
+        for _ in 0..3 {
+            open_stream(&store, &key, 3).unwrap();
+        }
+        assert_eq!(open_stream(&store, &key, 1), Ok(false));
+    }
+
+    #[test]
+    fn stream_counters_survive_cas_conflicts() {
+        let store = MemoryStore::new();
+        open_stream(&store, "s", 10).unwrap();
+        store.inject_cas_conflicts(4);
+        assert_eq!(open_stream(&store, "s", 10), Ok(true));
+        store.inject_cas_conflicts(4);
+        close_stream(&store, "s").unwrap();
+        assert_eq!(text(&store, "s"), "1");
+        store.inject_cas_conflicts(CAS_ATTEMPTS);
+        assert_eq!(open_stream(&store, "s", 10), Err(StoreError::CasMismatch));
+        assert_eq!(text(&store, "s"), "1");
+    }
+
+    #[test]
+    fn too_many_streams_answer() {
+        let (error, headers) = too_many_streams(20);
+        assert_eq!(error.status(), 429);
+        assert_eq!(
+            error.message,
+            "too many concurrent event streams (limit 20); close one and retry"
+        );
+        assert_eq!(
+            headers,
+            vec![
+                ("x-ratelimit-limit".to_string(), "20".to_string()),
+                ("x-ratelimit-remaining".to_string(), "0".to_string()),
+            ]
+        );
+    }
+
+    // ---- calendar ----
+
+    #[test]
+    fn windows_are_utc_minutes_days_and_calendar_months() {
+        let now = at("2026-05-31T23:59:30Z");
+        assert_eq!(
+            window_bounds(Window::Minute, now),
+            (at("2026-05-31T23:59:00Z"), at("2026-06-01T00:00:00Z"))
+        );
+        assert_eq!(
+            window_bounds(Window::Day, now),
+            (at("2026-05-31T00:00:00Z"), at("2026-06-01T00:00:00Z"))
+        );
+        assert_eq!(
+            window_bounds(Window::Month, now),
+            (at("2026-05-01T00:00:00Z"), at("2026-06-01T00:00:00Z"))
+        );
+        assert_eq!(
+            window_bounds(Window::Month, at("2026-12-15T08:00:00Z")),
+            (at("2026-12-01T00:00:00Z"), at("2027-01-01T00:00:00Z"))
+        );
+        assert_eq!(
+            window_bounds(Window::Month, at("2028-02-29T23:59:59Z")),
+            (at("2028-02-01T00:00:00Z"), at("2028-03-01T00:00:00Z"))
+        );
+        assert_eq!(
+            window_bounds(Window::Month, at("2027-02-01T00:00:00Z")),
+            (at("2027-02-01T00:00:00Z"), at("2027-03-01T00:00:00Z"))
+        );
+        assert_eq!(window_bounds(Window::Minute, 0), (0, 60));
+        assert_eq!(window_bounds(Window::Month, 0), (0, 31 * 86_400));
+    }
+
+    #[test]
+    fn civil_dates_round_trip_and_format() {
+        for days in (0..200_000).step_by(7) {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(1_795_471_803), "2026-11-23T22:10:03Z");
+        assert_eq!(
+            format_utc(at("2028-02-29T12:00:00Z")),
+            "2028-02-29T12:00:00Z"
+        );
+    }
+
+    #[test]
+    fn dollars_format_with_cents_and_only_needed_digits() {
+        let table = [
+            (50_000_000, "$50.00"),
+            (10_000, "$0.01"),
+            (1_234_500, "$1.2345"),
+            (0, "$0.00"),
+            (1, "$0.000001"),
+            (1_000_000_000, "$1000.00"),
+        ];
+        for (micro, text) in table {
+            assert_eq!(format_usd(micro), text);
+        }
+    }
+
+    // ---- budgets ----
+
+    #[test]
+    fn charges_add_up_per_window_and_roll_over() {
+        let store = MemoryStore::new();
+        let t0 = at("2026-05-31T23:59:30Z");
+        charge(&store, "acme", 1_000, 30_000, t0).unwrap();
+        charge(&store, "acme", 500, 20_000, t0 + 29).unwrap();
+        let minute_start = at("2026-05-31T23:59:00Z");
+        assert_eq!(
+            text(&store, "ma_gateway.budget.acme.minute"),
+            format!("{minute_start} 1500 50000")
+        );
+        assert_eq!(usage(&store, "acme", Window::Minute, t0), (1_500, 50_000));
+        assert_eq!(usage(&store, "acme", Window::Day, t0), (1_500, 50_000));
+        assert_eq!(usage(&store, "acme", Window::Month, t0), (1_500, 50_000));
+        // 30 s later it is June: every window rolled over.
+        let t1 = t0 + 30;
+        assert_eq!(usage(&store, "acme", Window::Minute, t1), (0, 0));
+        assert_eq!(usage(&store, "acme", Window::Day, t1), (0, 0));
+        assert_eq!(usage(&store, "acme", Window::Month, t1), (0, 0));
+        charge(&store, "acme", 7, 70, t1).unwrap();
+        assert_eq!(usage(&store, "acme", Window::Month, t1), (7, 70));
+        assert_eq!(
+            text(&store, "ma_gateway.budget.acme.month"),
+            format!("{} 7 70", at("2026-06-01T00:00:00Z"))
+        );
+        // A minute later the day and month still count, the minute does not.
+        charge(&store, "acme", 3, 30, t1 + 60).unwrap();
+        assert_eq!(usage(&store, "acme", Window::Minute, t1 + 60), (3, 30));
+        assert_eq!(usage(&store, "acme", Window::Day, t1 + 60), (10, 100));
+        // Tenants are counted apart; nothing to charge writes nothing.
+        assert_eq!(usage(&store, "other", Window::Day, t1), (0, 0));
+        let writes = store.writes();
+        charge(&store, "acme", 0, 0, t1).unwrap();
+        assert_eq!(store.writes(), writes);
+    }
+
+    #[test]
+    fn a_counter_from_a_clock_ahead_is_kept_not_reset() {
+        let store = MemoryStore::new();
+        let boundary = at("2026-06-01T00:00:00Z");
+        charge(&store, "acme", 10, 100, boundary).unwrap();
+        // A worker whose clock still says 23:59:59 charges into the newer window.
+        charge(&store, "acme", 1, 1, boundary - 1).unwrap();
+        assert_eq!(
+            text(&store, "ma_gateway.budget.acme.minute"),
+            format!("{boundary} 11 101")
+        );
+        assert_eq!(usage(&store, "acme", Window::Day, boundary - 1), (11, 101));
+    }
+
+    #[test]
+    fn charges_survive_conflicts_and_saturate() {
+        let store = MemoryStore::new();
+        charge(&store, "acme", 1, 1, 0).unwrap();
+        store.inject_cas_conflicts(5);
+        charge(&store, "acme", u64::MAX, 2, 0).unwrap();
+        assert_eq!(usage(&store, "acme", Window::Day, 0), (u64::MAX, 3));
+        store
+            .set("ma_gateway.budget.acme.day", b"junk", None)
+            .unwrap();
+        assert_eq!(usage(&store, "acme", Window::Day, 0), (0, 0));
+        charge(&store, "acme", 4, 4, 0).unwrap();
+        assert_eq!(text(&store, "ma_gateway.budget.acme.day"), "0 4 4");
+    }
+
+    fn budgets() -> Budgets {
+        rules_from_json(
+            &json!({"budgets": {"tenants": {
+                "acme": {"tokens_per_minute": 100000, "tokens_per_day": 5000000,
+                         "microdollars_per_day": 50000000,
+                         "microdollars_per_month": 1000000000},
+                "*": {"microdollars_per_month": 2000000}}}}),
+            "limits",
+        )
+        .unwrap()
+        .budgets
+    }
+
+    #[test]
+    fn within_budget_reports_the_least_left() {
+        let store = MemoryStore::new();
+        let now = at("2026-05-31T12:00:10Z");
+        assert_eq!(
+            check_budget(&store, &budgets(), "acme", now),
+            Ok(BudgetState {
+                remaining_tokens: Some(100_000),
+                remaining_microdollars: Some(50_000_000),
+            })
+        );
+        charge(&store, "acme", 40_000, 12_345_678, now).unwrap();
+        assert_eq!(
+            check_budget(&store, &budgets(), "acme", now),
+            Ok(BudgetState {
+                remaining_tokens: Some(60_000),
+                remaining_microdollars: Some(37_654_322),
+            })
+        );
+        assert_eq!(
+            remaining_microdollars(&store, &budgets(), "acme", now),
+            Some(37_654_322)
+        );
+        // No budget at all: nothing is limited.
+        assert_eq!(
+            check_budget(&store, &Budgets::default(), "acme", now),
+            Ok(BudgetState::default())
+        );
+        assert_eq!(
+            remaining_microdollars(&store, &Budgets::default(), "acme", now),
+            None
+        );
+    }
+
+    #[test]
+    fn a_used_up_daily_cost_budget_refuses_until_midnight() {
+        let store = MemoryStore::new();
+        let now = at("2026-05-31T12:00:10Z");
+        charge(&store, "acme", 10, 50_000_000, now).unwrap();
+        let exhausted = check_budget(&store, &budgets(), "acme", now).unwrap_err();
+        assert_eq!(
+            exhausted,
+            BudgetExhausted {
+                tenant: "acme".into(),
+                metric: Metric::Microdollars,
+                window: Window::Day,
+                limit: 50_000_000,
+                used: 50_000_000,
+                resets_at: at("2026-06-01T00:00:00Z"),
+                retry_after_secs: 43_190,
+            }
+        );
+        assert_eq!(
+            exhausted.message(),
+            "tenant acme has used its daily cost budget ($50.00); it resets at 2026-06-01T00:00:00Z"
+        );
+        let (error, headers) = exhausted.to_error();
+        assert_eq!(error.status(), 429);
+        assert_eq!(error.kind, ErrorKind::RateLimit);
+        assert_eq!(error.message, exhausted.message());
+        assert_eq!(
+            headers,
+            vec![
+                ("retry-after".to_string(), "43190".to_string()),
+                ("retry-after-ms".to_string(), "43190000".to_string()),
+                ("x-should-retry".to_string(), "false".to_string()),
+            ]
+        );
+        assert_eq!(
+            remaining_microdollars(&store, &budgets(), "acme", now),
+            Some(0)
+        );
+        // The next day it is open again.
+        let tomorrow = at("2026-06-01T00:00:00Z");
+        assert!(check_budget(&store, &budgets(), "acme", tomorrow).is_ok());
+    }
+
+    #[test]
+    fn a_per_minute_token_budget_says_so_and_is_retryable() {
+        let store = MemoryStore::new();
+        let now = at("2026-05-31T12:00:10Z");
+        charge(&store, "acme", 100_001, 0, now).unwrap();
+        let exhausted = check_budget(&store, &budgets(), "acme", now).unwrap_err();
+        assert_eq!(
+            exhausted.message(),
+            "tenant acme has used its per-minute token budget (100000 tokens); it resets at 2026-05-31T12:01:00Z"
+        );
+        assert_eq!(exhausted.used, 100_001);
+        assert_eq!(
+            exhausted.to_error().1,
+            vec![
+                ("retry-after".to_string(), "50".to_string()),
+                ("retry-after-ms".to_string(), "50000".to_string()),
+            ]
+        );
+        // The money is untouched, so a session could still be capped at all of it.
+        assert_eq!(
+            remaining_microdollars(&store, &budgets(), "acme", now),
+            Some(50_000_000)
+        );
+    }
+
+    #[test]
+    fn the_refusal_names_the_budget_that_resets_last() {
+        let store = MemoryStore::new();
+        let now = at("2026-05-31T12:00:10Z");
+        // Every budget of acme is used up; the monthly one ends last.
+        charge(&store, "acme", 6_000_000, 1_000_000_000, now).unwrap();
+        let exhausted = check_budget(&store, &budgets(), "acme", now).unwrap_err();
+        assert_eq!(
+            (exhausted.metric, exhausted.window),
+            (Metric::Microdollars, Window::Month)
+        );
+        assert_eq!(
+            exhausted.message(),
+            "tenant acme has used its monthly cost budget ($1000.00); it resets at 2026-06-01T00:00:00Z"
+        );
+        // Day tokens and day cost both used up, month not: cost is named first.
+        let store = MemoryStore::new();
+        charge(&store, "acme", 5_000_000, 50_000_000, now - 120).unwrap();
+        let exhausted = check_budget(&store, &budgets(), "acme", now).unwrap_err();
+        assert_eq!(
+            (exhausted.metric, exhausted.window),
+            (Metric::Microdollars, Window::Day)
+        );
+        // Only the day's tokens: that one.
+        let store = MemoryStore::new();
+        charge(&store, "acme", 5_000_000, 0, now - 120).unwrap();
+        let exhausted = check_budget(&store, &budgets(), "acme", now).unwrap_err();
+        assert_eq!(
+            exhausted.message(),
+            "tenant acme has used its daily token budget (5000000 tokens); it resets at 2026-06-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn the_default_budget_covers_tenants_without_their_own() {
+        let store = MemoryStore::new();
+        let now = at("2026-05-31T12:00:10Z");
+        charge(&store, "beta", 0, 1_999_999, now).unwrap();
+        assert_eq!(
+            check_budget(&store, &budgets(), "beta", now),
+            Ok(BudgetState {
+                remaining_tokens: None,
+                remaining_microdollars: Some(1),
+            })
+        );
+        charge(&store, "beta", 0, 1, now).unwrap();
+        let exhausted = check_budget(&store, &budgets(), "beta", now).unwrap_err();
+        assert_eq!(
+            exhausted.message(),
+            "tenant beta has used its monthly cost budget ($2.00); it resets at 2026-06-01T00:00:00Z"
+        );
+        // acme's own entry replaces the default: its month allows $1000, not $2.
+        charge(&store, "acme", 0, 2_000_000, now).unwrap();
+        assert!(check_budget(&store, &budgets(), "acme", now).is_ok());
+        // A zero budget blocks at once.
+        let zero = Budgets {
+            tenants: [(
+                "z".to_string(),
+                Budget {
+                    tokens_per_day: Some(0),
+                    ..Budget::default()
+                },
+            )]
+            .into(),
+        };
+        assert!(check_budget(&store, &zero, "z", now).is_err());
+        assert_eq!(remaining_microdollars(&store, &zero, "z", now), None);
     }
 }

@@ -57,6 +57,13 @@ impl RequestUsage {
     }
 }
 
+/// Tokens and money newly charged, as budgets count them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub tokens: u64,
+    pub microdollars: u64,
+}
+
 /// Everything metering needs from outside the request.
 pub struct MeterContext<'a> {
     pub store: &'a dyn Store,
@@ -90,6 +97,8 @@ pub struct ResponseMeter {
     body: Body,
     pub usage: RequestUsage,
     priced: bool,
+    /// Tokens and µ$ charged since the glue last took them (for tenant budgets).
+    unreported: Spend,
     events_before: u64,
     /// Whether the stream has delivered its first event yet (for time-to-first-event).
     pub first_event_seen: bool,
@@ -140,6 +149,7 @@ impl ResponseMeter {
             session_id,
             body,
             priced: false,
+            unreported: Spend::default(),
             events_before: 0,
             first_event_seen: false,
         }
@@ -153,6 +163,11 @@ impl ResponseMeter {
             ids: vec![(IdKind::Session, session_id.to_string())],
         };
         ResponseMeter::new(&op, status, tenant, ScannerConfig { max_event_bytes: 0 })
+    }
+
+    /// What was charged since the last call: tokens and µ$, for the tenant's budgets.
+    pub fn take_spend(&mut self) -> Spend {
+        std::mem::take(&mut self.unreported)
     }
 
     pub fn is_stream(&self) -> bool {
@@ -387,6 +402,7 @@ impl ResponseMeter {
         match ctx.prices.price_charge(charge.model.as_deref(), charge) {
             Priced::Micros(micros) => {
                 out.push(add(&metrics::COST, &[tenant, model], micros));
+                self.unreported.microdollars += micros;
                 if let Some(total) = &mut self.usage.cost_microdollars {
                     *total += micros;
                 }
@@ -398,6 +414,7 @@ impl ResponseMeter {
             }
         }
         self.priced = true;
+        self.unreported.tokens += charge.input + charge.output + charge.cache_read + cache_write;
         self.usage.model = charge.model.clone();
         self.usage.input_tokens += charge.input;
         self.usage.output_tokens += charge.output;

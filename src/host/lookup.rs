@@ -12,6 +12,7 @@ use super::metrics::Metrics;
 use super::store::SharedData;
 use crate::config::Plan;
 use crate::credentials::{choose, KeyRing};
+use crate::limits;
 use crate::metering::{MeterContext, ResponseMeter};
 use crate::reconcile;
 
@@ -93,4 +94,14 @@ pub fn on_response(
         scanner: plan.metering.scanner,
     };
     metrics.apply(meter.on_body(&body, true, &ctx));
+    let spend = meter.take_spend();
+    if let Err(err) = limits::charge(
+        &SharedData,
+        tenant,
+        spend.tokens,
+        spend.microdollars,
+        now_secs,
+    ) {
+        log::warn!("budget of {tenant} not charged: {err}");
+    }
 }

@@ -28,6 +28,7 @@ use super::stream::GatewayStream;
 use crate::accounting;
 use crate::config::{Origin, Plan, VaultSource};
 use crate::credentials::{next_refresh_secs, parse_vault_kv2};
+use crate::limits::{self, Class, LimitScope};
 use crate::reconcile::{self, RECONCILER_ROOT_ID};
 
 /// Upper bound on one call to Vault.
@@ -219,6 +220,7 @@ impl RootContext for GatewayRoot {
             }
         };
         credentials::seed_all(&plan);
+        prepare_limit_keys(&plan);
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
@@ -296,6 +298,36 @@ impl RootContext for GatewayRoot {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// Creates the rate-limit buckets of known tenants and keys up front: shared data inserts a
+/// missing key whatever compare-and-swap token a write carries, so two workers racing on a
+/// bucket's very first write could both be admitted. An existing key is CAS-protected.
+fn prepare_limit_keys(plan: &Plan) {
+    let mut scopes: Vec<(LimitScope, String, String)> = plan
+        .tenants
+        .iter()
+        .map(|t| (LimitScope::Tenant, t.name.clone(), t.name.clone()))
+        .collect();
+    for key in &plan.gateway_keys {
+        scopes.push((LimitScope::Tenant, key.tenant.clone(), key.tenant.clone()));
+        scopes.push((
+            LimitScope::Principal,
+            key.tenant.clone(),
+            format!("{}/{}", key.tenant, key.name),
+        ));
+    }
+    for (scope, tenant, name) in scopes {
+        for class in [Class::Create, Class::Read, Class::Stream] {
+            if plan.limits.rate(scope, &tenant, class).is_some() {
+                if let Err(err) =
+                    limits::prepare_key(&SharedData, &limits::bucket_key(scope, &name, class))
+                {
+                    log::warn!("rate-limit bucket of {name} not prepared: {err}");
+                }
+            }
+        }
     }
 }
 

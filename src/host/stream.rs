@@ -33,8 +33,10 @@ use crate::credentials::KeyRing;
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
 use crate::gateway::{self, header_value as header, Admitted, RequestHead};
 use crate::headers::HeaderEdit;
+use crate::limits::{self, Admission, Class, LimitScope};
 use crate::metering::{MeterContext, ResponseMeter};
 use crate::metrics;
+use crate::policy;
 use crate::routes::{Action as RouteAction, Family, IdKind, Operation};
 use crate::tenancy::{self, LookupResult, Verdict};
 
@@ -79,6 +81,10 @@ pub struct GatewayStream {
     body_pending: bool,
     /// A `POST …/events` body whose event types the audit record lists.
     events_pending: bool,
+    /// Rate-limit headers of an admitted call, added to its response.
+    rate_headers: Vec<(String, String)>,
+    /// Concurrent-stream slots this request holds (closed in `on_log`).
+    stream_slots: Vec<String>,
     /// Envoy's `x-request-id` of this request, for the `request_id` of gateway answers.
     envoy_request_id: Option<String>,
     pending: HashMap<u32, Pending>,
@@ -101,6 +107,8 @@ impl GatewayStream {
             gate: Gate::Open,
             body_pending: false,
             events_pending: false,
+            rate_headers: Vec::new(),
+            stream_slots: Vec::new(),
             envoy_request_id: None,
             pending: HashMap::new(),
             meter: None,
@@ -112,6 +120,12 @@ impl GatewayStream {
 
     /// Answers the client with the Anthropic error envelope; upstream is never contacted.
     fn refuse(&mut self, error: &ApiError) -> Action {
+        self.refuse_with(error, Vec::new())
+    }
+
+    /// [`Self::refuse`] with extra response headers (`retry-after` on a 429, …); an extra
+    /// `x-should-retry` replaces the default.
+    fn refuse_with(&mut self, error: &ApiError, extra: Vec<(String, String)>) -> Action {
         // Envoy's x-request-id, captured with the request headers (they cannot be read from
         // later callbacks: the SDK's getter panics when the host refuses).
         let request_id = gateway_request_id(self.envoy_request_id.as_deref());
@@ -122,11 +136,14 @@ impl GatewayStream {
         } else {
             "false"
         };
-        let reply = vec![
+        let mut reply: Vec<(&str, &str)> = vec![
             ("content-type", "application/json"),
             ("request-id", request_id.as_str()),
-            ("x-should-retry", retry),
         ];
+        if !extra.iter().any(|(n, _)| n == "x-should-retry") {
+            reply.push(("x-should-retry", retry));
+        }
+        reply.extend(extra.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         self.status = error.status();
         self.gate = Gate::Refused;
         self.audit(vec![
@@ -300,12 +317,159 @@ impl GatewayStream {
         Action::Continue
     }
 
-    /// Create/update calls on owned resources: the body is needed (references, tagging).
-    fn needs_body(op: &Operation) -> bool {
-        matches!(
+    /// Whether the request body must be read before anything of it goes upstream: owned
+    /// create/update calls under isolation (references, tagging), calls a tenant policy
+    /// applies to, and session creates under a money budget (clamping).
+    fn needs_body(plan: &Plan, tenant: &str, op: &Operation) -> bool {
+        let owned_write = matches!(
             op.family,
             Family::Agents | Family::Sessions | Family::Environments | Family::Vaults
-        ) && matches!(op.action, RouteAction::Create | RouteAction::Update)
+        ) && matches!(op.action, RouteAction::Create | RouteAction::Update);
+        let policed = plan.policy.for_tenant(tenant).is_some()
+            && (owned_write
+                || (op.family == Family::VaultCredentials
+                    && matches!(op.action, RouteAction::Create | RouteAction::Update)));
+        let clamped = op.family == Family::Sessions
+            && op.action == RouteAction::Create
+            && plan.limits.budgets.for_tenant(tenant).is_some();
+        (plan.isolation.enabled && owned_write) || policed || clamped
+    }
+
+    /// Policy, budget clamp and owner tag applied to a whole request body: the body to
+    /// forward and whether it changed, or the refusal.
+    fn inspect_body(
+        plan: &Plan,
+        tenant: &str,
+        op: &Operation,
+        body: Vec<u8>,
+    ) -> Result<(Vec<u8>, bool), ApiError> {
+        policy::check_body_size(&plan.policy, tenant, body.len() as u64)?;
+        let mut body = body;
+        let mut changed = false;
+        let policed = plan.policy.for_tenant(tenant).is_some();
+        let clamp = op.family == Family::Sessions && op.action == RouteAction::Create;
+        if policed || clamp {
+            let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("request body is not valid JSON: {e}"),
+                )
+            })?;
+            if policed {
+                policy::check(&plan.policy, tenant, op, &value).map_err(|e| e.because("policy"))?;
+            }
+            if clamp {
+                let remaining = limits::remaining_microdollars(
+                    &SharedData,
+                    &plan.limits.budgets,
+                    tenant,
+                    now_ms() / 1000,
+                );
+                if let Some(remaining) = remaining {
+                    if policy::clamp_session_budget(&mut value, remaining) {
+                        body = serde_json::to_vec(&value).map_err(|e| {
+                            ApiError::new(
+                                ErrorKind::Api,
+                                format!("gateway could not rewrite the body: {e}"),
+                            )
+                        })?;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if plan.isolation.enabled {
+            let ownership = plan.isolation.ownership();
+            if let Some(tagged) = tenancy::tag_request_body(op, &body, tenant, &ownership)? {
+                body = tagged;
+                changed = true;
+            }
+        }
+        Ok((body, changed))
+    }
+
+    /// Request rates (tenant and principal), concurrent streams and budgets for new work.
+    /// Limits are accounting: if shared data fails they fail open (logged), unlike
+    /// authentication and isolation, which fail closed.
+    fn enforce_limits(&mut self, plan: &Plan, admitted: &Admitted) -> Option<Action> {
+        let op = &admitted.operation;
+        let tenant = admitted.principal.tenant.as_str();
+        let principal = format!("{tenant}/{}", admitted.principal.name);
+        let class = limits::class_of(op);
+        let now = now_ms();
+        for (scope, name) in [
+            (LimitScope::Tenant, tenant),
+            (LimitScope::Principal, principal.as_str()),
+        ] {
+            let Some(rate) = plan.limits.rate(scope, tenant, class) else {
+                continue;
+            };
+            match limits::admit(
+                &SharedData,
+                &rate,
+                &limits::bucket_key(scope, name, class),
+                now,
+            ) {
+                Ok(Admission::Denied {
+                    retry_after_ms,
+                    limit,
+                }) => {
+                    let (error, headers) = limits::rate_limited(class, retry_after_ms, limit);
+                    return Some(self.refuse_with(&error, headers));
+                }
+                Ok(allowed) => self.rate_headers = allowed.headers(),
+                Err(err) => log::warn!("#{} rate limit not applied: {err}", self.context_id),
+            }
+            if class == Class::Stream {
+                if let Some(max) = plan.limits.max_streams(scope, tenant) {
+                    let key = limits::streams_key(scope, name);
+                    match limits::open_stream(&SharedData, &key, max) {
+                        Ok(true) => self.stream_slots.push(key),
+                        Ok(false) => {
+                            let (error, headers) = limits::too_many_streams(max);
+                            return Some(self.refuse_with(&error, headers));
+                        }
+                        Err(err) => {
+                            log::warn!("#{} stream limit not applied: {err}", self.context_id)
+                        }
+                    }
+                }
+            }
+        }
+        let new_work = matches!(
+            (op.family, op.action),
+            (Family::Sessions, RouteAction::Create) | (_, RouteAction::SendEvents)
+        );
+        if new_work {
+            if let Err(exhausted) =
+                limits::check_budget(&SharedData, &plan.limits.budgets, tenant, now / 1000)
+            {
+                let (error, headers) = exhausted.to_error();
+                return Some(self.refuse_with(&error.because("budget"), headers));
+            }
+        }
+        None
+    }
+
+    /// Adds what a response metered to the tenant's budgets.
+    fn charge_budgets(&mut self) {
+        let (Some(meter), Some(admitted)) = (self.meter.as_mut(), self.admitted.as_ref()) else {
+            return;
+        };
+        let spend = meter.take_spend();
+        if spend.tokens == 0 && spend.microdollars == 0 {
+            return;
+        }
+        let tenant = admitted.principal.tenant.as_str();
+        if let Err(err) = limits::charge(
+            &SharedData,
+            tenant,
+            spend.tokens,
+            spend.microdollars,
+            now_ms() / 1000,
+        ) {
+            log::warn!("#{} budget of {tenant} not charged: {err}", self.context_id);
+        }
     }
 
     /// Whether a 2xx response of `op` is JSON the gateway rewrites (tag stripped, list filtered).
@@ -534,15 +698,16 @@ impl HttpContext for GatewayStream {
             admitted.operation.action.as_str()
         );
         let op = admitted.operation.clone();
+        let tenant = admitted.principal.tenant.clone();
+        if let Some(action) = self.enforce_limits(&plan, &admitted) {
+            return action;
+        }
         self.admitted = Some(admitted);
         if op.action == RouteAction::SendEvents && !end_of_stream {
             // Which event types were sent (never their content) goes to the audit record.
             self.events_pending = true;
         }
-        if !plan.isolation.enabled {
-            return Action::Continue;
-        }
-        if Self::needs_body(&op) {
+        if Self::needs_body(&plan, &tenant, &op) {
             if end_of_stream && op.action == RouteAction::Create {
                 return self.refuse(&ApiError::new(
                     ErrorKind::InvalidRequest,
@@ -550,9 +715,10 @@ impl HttpContext for GatewayStream {
                 ));
             }
             if !end_of_stream {
-                // The body is checked and tagged before any of it goes upstream; its length
-                // changes. (proxy-wasm cannot see a body while the headers are held, so the
-                // head may already be on its way: a refused call is reset before its body.)
+                // The body is checked (policy, references), clamped (budget) and tagged
+                // (owner) before any of it goes upstream; its length changes. (proxy-wasm
+                // cannot see a body while the headers are held, so the head may already be on
+                // its way: a refused call is reset before its body.)
                 if let Err(status) =
                     hostcalls::remove_map_value(MapType::HttpRequestHeaders, "content-length")
                 {
@@ -563,6 +729,9 @@ impl HttpContext for GatewayStream {
                 }
                 self.body_pending = true;
             }
+        }
+        if !plan.isolation.enabled {
+            return Action::Continue;
         }
         self.check_owners(op.ids, false)
     }
@@ -606,17 +775,13 @@ impl HttpContext for GatewayStream {
         };
         let op = admitted.operation.clone();
         let tenant = admitted.principal.tenant.clone();
-        let ownership = plan.isolation.ownership();
-        let tagged = match tenancy::tag_request_body(&op, &body, &tenant, &ownership) {
-            Ok(tagged) => tagged,
+        let (body, changed) = match Self::inspect_body(&plan, &tenant, &op, body) {
+            Ok(inspected) => inspected,
             Err(error) => return self.refuse(&error),
         };
-        let references = serde_json::from_slice(&body)
-            .map(|value| tenancy::body_references(&op, &value))
-            .unwrap_or_default();
-        if let Some(new_body) = tagged {
+        if changed {
             if let Err(status) =
-                hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &new_body)
+                hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &body)
             {
                 log::error!(
                     "#{} cannot replace the request body: {status:?}",
@@ -628,10 +793,16 @@ impl HttpContext for GatewayStream {
                 ));
             }
         }
+        if !plan.isolation.enabled {
+            return Action::Continue;
+        }
+        let references = serde_json::from_slice(&body)
+            .map(|value| tenancy::body_references(&op, &value))
+            .unwrap_or_default();
         // Path ids were checked with the headers; the body adds its references.
         match self.check_owners(references, false) {
             Action::Continue => Action::Continue,
-            // Keep the (tagged) body buffered until the owners are known.
+            // Keep the (rewritten) body buffered until the owners are known.
             _ => Action::Pause,
         }
     }
@@ -650,6 +821,12 @@ impl HttpContext for GatewayStream {
             .and_then(|s| s.parse::<u32>().ok())
             .unwrap_or(0);
         self.status = status;
+        for (name, value) in &self.rate_headers {
+            if let Err(status) = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value)
+            {
+                log::debug!("#{} cannot add {name}: {status:?}", self.context_id);
+            }
+        }
         let meter = ResponseMeter::new(
             &admitted.operation,
             status,
@@ -703,9 +880,11 @@ impl HttpContext for GatewayStream {
                 return Action::Pause;
             }
             self.meter_body(BufferType::HttpResponseBody, body_size, true);
+            self.charge_budgets();
             return self.rewrite_owned_response(body_size);
         }
         self.meter_body(BufferType::HttpResponseBody, body_size, end_of_stream);
+        self.charge_budgets();
         // Never hold the body back: streams flow as they arrive.
         Action::Continue
     }
@@ -718,6 +897,11 @@ impl HttpContext for GatewayStream {
             ),
             None => ("unrouted", "none"),
         };
+        for key in std::mem::take(&mut self.stream_slots) {
+            if let Err(err) = limits::close_stream(&SharedData, &key) {
+                log::warn!("#{} stream slot {key} not released: {err}", self.context_id);
+            }
+        }
         let elapsed = now_ms().saturating_sub(self.started_ms);
         let mut metrics = self.metrics.borrow_mut();
         metrics.add(
