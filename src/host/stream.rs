@@ -401,24 +401,23 @@ impl GatewayStream {
             (LimitScope::Tenant, tenant),
             (LimitScope::Principal, principal.as_str()),
         ] {
-            let Some(rate) = plan.limits.rate(scope, tenant, class) else {
-                continue;
-            };
-            match limits::admit(
-                &SharedData,
-                &rate,
-                &limits::bucket_key(scope, name, class),
-                now,
-            ) {
-                Ok(Admission::Denied {
-                    retry_after_ms,
-                    limit,
-                }) => {
-                    let (error, headers) = limits::rate_limited(class, retry_after_ms, limit);
-                    return Some(self.refuse_with(&error, headers));
+            if let Some(rate) = plan.limits.rate(scope, tenant, class) {
+                match limits::admit(
+                    &SharedData,
+                    &rate,
+                    &limits::bucket_key(scope, name, class),
+                    now,
+                ) {
+                    Ok(Admission::Denied {
+                        retry_after_ms,
+                        limit,
+                    }) => {
+                        let (error, headers) = limits::rate_limited(class, retry_after_ms, limit);
+                        return Some(self.refuse_with(&error, headers));
+                    }
+                    Ok(allowed) => self.rate_headers = allowed.headers(),
+                    Err(err) => log::warn!("#{} rate limit not applied: {err}", self.context_id),
                 }
-                Ok(allowed) => self.rate_headers = allowed.headers(),
-                Err(err) => log::warn!("#{} rate limit not applied: {err}", self.context_id),
             }
             if class == Class::Stream {
                 if let Some(max) = plan.limits.max_streams(scope, tenant) {
