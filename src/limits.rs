@@ -78,6 +78,12 @@ use crate::errors::{ApiError, ErrorKind};
 use crate::routes::{Action, Operation};
 use crate::store::{update, Store, StoreError};
 
+/// Request header carrying the caller's tenant to Envoy's global rate-limit filter (set by the
+/// gateway on every admitted call, overwriting anything a client sent; removed before upstream).
+pub const TENANT_HEADER: &str = "x-ma-gateway-tenant";
+/// Request header carrying the call's limit class (`create`, `read`, `stream`), likewise.
+pub const CLASS_HEADER: &str = "x-ma-gateway-class";
+
 /// Compare-and-swap attempts per write. Contention is per key (one tenant's bucket), so a
 /// handful of retries absorbs a burst from every worker of a large host.
 pub const CAS_ATTEMPTS: usize = 8;

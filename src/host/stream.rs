@@ -698,6 +698,19 @@ impl HttpContext for GatewayStream {
         );
         let op = admitted.operation.clone();
         let tenant = admitted.principal.tenant.clone();
+        // Descriptors for Envoy's global rate-limit filter (fleet-scale limits): always set by
+        // the gateway, so a client can never supply them; envoy.yaml removes them before
+        // the request goes upstream.
+        for (name, value) in [
+            (limits::TENANT_HEADER, tenant.as_str()),
+            (limits::CLASS_HEADER, limits::class_of(&op).as_str()),
+        ] {
+            if let Err(status) =
+                hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value))
+            {
+                log::warn!("#{} cannot set {name}: {status:?}", self.context_id);
+            }
+        }
         if let Some(action) = self.enforce_limits(&plan, &admitted) {
             return action;
         }

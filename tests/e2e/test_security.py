@@ -178,3 +178,13 @@ def test_gateway_errors_are_not_retried_by_sdks(gateway):
     reply = gateway.call("GET", "/v1/messages")
     assert reply.headers["x-should-retry"] == "false"
     assert json.loads(reply.body)["request_id"].startswith("req_gw_")
+
+
+def test_rate_limit_descriptor_headers_never_reach_upstream(gateway):
+    """The filter sets x-ma-gateway-tenant/class for Envoy's global rate-limit filter; a client's
+    own copies are overwritten, and the route removes both before the call goes upstream."""
+    gateway.emulator.clear_requests()
+    gateway.ok("GET", "/v1/agents", headers={"x-ma-gateway-tenant": "someone-else", "x-ma-gateway-class": "read"})
+    (received,) = gateway.emulator.requests()
+    names = [n for n, _ in received["headers"]]
+    assert "x-ma-gateway-tenant" not in names and "x-ma-gateway-class" not in names
