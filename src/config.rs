@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use crate::errors::json_type_name as type_name;
 use serde_json::{Map, Value};
 
 use crate::accounting::Limits;
@@ -825,17 +826,6 @@ impl Obj {
                 message: "unknown field".into(),
             }),
         }
-    }
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -142,6 +142,19 @@ pub fn gateway_request_id(envoy_request_id: Option<&str>) -> String {
     id
 }
 
+/// How a JSON value is named in config error messages: `expected a string, found a number`.
+pub fn json_type_name(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Shortens caller-supplied text before it is echoed in a message, so an error can never
 /// reflect a huge or control-character-laden input back.
 pub fn excerpt(text: &str, max_chars: usize) -> String {

@@ -27,6 +27,7 @@
 //! objects (`org.id`). At each level the remaining name is tried whole, then the shortest
 //! dotted prefix that names an object.
 
+use crate::errors::json_type_name as type_name;
 use serde_json::{Map, Number, Value};
 
 use crate::errors::excerpt;
@@ -287,17 +288,6 @@ fn lookup<'v>(mut value: &'v Value, name: &str) -> Option<&'v Value> {
             .find(|(prefix, _)| object.get(*prefix).is_some_and(Value::is_object))?;
         value = object.get(next)?;
         rest = remainder;
-    }
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -72,11 +72,13 @@
 
 use std::collections::BTreeMap;
 
+use crate::errors::json_type_name as type_name;
 use serde_json::{Map, Value};
 
 use crate::errors::{ApiError, ErrorKind};
 use crate::routes::{Action, Operation};
 use crate::store::{update, Store, StoreError};
+use crate::time::{civil_from_days, days_from_civil};
 
 /// Request header carrying the caller's tenant to Envoy's global rate-limit filter (set by the
 /// gateway on every admitted call, overwriting anything a client sent; removed before upstream).
@@ -610,31 +612,6 @@ pub fn window_bounds(window: Window, now_secs: u64) -> (u64, u64) {
     }
 }
 
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm, years ≥ 1970).
-fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The civil date `(year, month, day)` of a day count since 1970-01-01 (Hinnant's inverse).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
-
 /// `2026-06-01T00:00:00Z`.
 fn format_utc(secs: u64) -> String {
     let (year, month, day) = civil_from_days(secs / 86_400);
@@ -1073,17 +1050,6 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -59,6 +59,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::errors::json_type_name as type_name;
 use serde_json::{json, Map, Value};
 
 use crate::errors::{excerpt, ApiError, ErrorKind};
@@ -936,17 +937,6 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

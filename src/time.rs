@@ -1,5 +1,6 @@
 //! Calendar arithmetic the filter needs without a date crate: RFC 3339 UTC timestamps
-//! (`2027-01-31T00:00:00Z`) to Unix seconds, for key expiry in config.
+//! (`2027-01-31T00:00:00Z`) to Unix seconds (key expiry), and civil dates ↔ day counts (UTC
+//! budget windows).
 
 /// Parses `YYYY-MM-DDTHH:MM:SSZ` (UTC, optional fractional seconds ignored) into Unix seconds.
 pub fn parse_rfc3339_utc(text: &str) -> Option<u64> {
@@ -41,7 +42,7 @@ fn days_in_month(year: u64, month: u64) -> u64 {
 }
 
 /// Days since 1970-01-01 (Howard Hinnant's algorithm, for years ≥ 1970).
-fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+pub fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y / 400;
     let yoe = y - era * 400;
@@ -49,6 +50,20 @@ fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+/// The civil date `(year, month, day)` of a day count since 1970-01-01 (Hinnant's inverse).
+pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 #[cfg(test)]

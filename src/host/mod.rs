@@ -12,6 +12,8 @@ mod root;
 mod store;
 mod stream;
 
+use std::time::UNIX_EPOCH;
+
 use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{
@@ -24,3 +26,11 @@ proxy_wasm::main! {{
         Box::new(root::GatewayRoot::new(context_id))
     });
 }}
+
+/// Host time in milliseconds since the epoch (0 if the host cannot tell).
+pub fn now_ms() -> u64 {
+    proxy_wasm::hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -15,7 +15,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -25,6 +24,7 @@ use super::claims;
 use super::credentials::{self, SharedKeys};
 use super::lookup;
 use super::metrics::Metrics;
+use super::now_ms;
 use super::store::SharedData;
 use crate::accounting;
 use crate::audit;
@@ -934,12 +934,4 @@ impl HttpContext for GatewayStream {
 /// Size of this VM's linear memory (it only grows; flat means nothing accumulated).
 fn wasm_memory_bytes() -> u64 {
     (core::arch::wasm32::memory_size(0) as u64).saturating_mul(65_536)
-}
-
-/// Host time in milliseconds since the epoch (0 if the host cannot tell).
-fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
