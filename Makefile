@@ -46,8 +46,11 @@ $(VENV_STAMP): tests/requirements.txt | debs
 
 venv: $(VENV_STAMP)
 
+# The VM logs the source revision it was built from.
+REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+
 wasm: toolchain
-	cargo build --target wasm32-wasip1 --release --lib
+	MA_GATEWAY_REVISION=$(REVISION) cargo build --target wasm32-wasip1 --release --lib
 	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
 
 emulator:

@@ -244,9 +244,10 @@ impl RootContext for GatewayRoot {
             );
         } else {
             log::info!(
-                "#{} ma-gateway {} configured: upstream {}, {} gateway key(s), {} tenant(s), neighbours [{}]",
+                "#{} ma-gateway {} ({}) configured: upstream {}, {} gateway key(s), {} tenant(s), neighbours [{}]",
                 self.context_id,
                 env!("CARGO_PKG_VERSION"),
+                option_env!("MA_GATEWAY_REVISION").unwrap_or("unknown revision"),
                 plan.upstream.authority,
                 plan.gateway_keys.len(),
                 plan.tenants.len(),

@@ -22,7 +22,9 @@ def audited(emulator, tmp_path_factory):
     audit_path = tmp_path_factory.mktemp("audit") / "audit.log"
     # The stream helpers speak with the suite's default key: make it an acme key here too.
     overrides = dict(TENANTS, gateway_keys=TENANTS["gateway_keys"] + [
-        {"name": "alice-streams", "sha256": stack.sha256_hex(KEYS["alice"]), "tenant": "acme"}])
+        {"name": "alice-streams", "sha256": stack.sha256_hex(KEYS["alice"]), "tenant": "acme"}],
+        # Auditors may read once a minute: their second list is rate-limited.
+        limits={"tenants": {"auditors": {"read": {"per_minute": 1, "burst": 1}}}})
     config = stack.render_envoy_config(
         upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
         gateway_keys={}, plugin_overrides=overrides, audit_path=audit_path)
@@ -59,6 +61,8 @@ def test_every_call_has_one_audit_record_with_the_right_fields(audited):
     call("POST", "/v1/agents", key=CAROL, body={"name": "x", "model": "m"})   # forbidden by scope
     call("GET", f"/v1/sessions/{session}", key=BOB)                           # cross-tenant
     call("GET", "/v1/messages", key=ALICE)                                    # not a route
+    call("GET", "/v1/agents", key=CAROL)                                      # allowed read
+    call("GET", "/v1/agents", key=CAROL)                                      # rate-limited
 
     # A stream that meters usage, then an aborted one.
     calls += 1
@@ -103,6 +107,10 @@ def test_every_call_has_one_audit_record_with_the_right_fields(audited):
 
     foreign = [r for r in by_op["sessions.read"] if r["status"] == 404][0]
     assert foreign["tenant"] == "globex" and foreign["reason"] == f"ownership: session {session} not found"
+
+    limited = [r for r in got if r.get("status") == 429][0]
+    assert (limited["tenant"], limited["operation"], limited["decision"]) == ("auditors", "agents.list", "refused")
+    assert limited["reason"].startswith("rate_limit: "), limited["reason"]
 
     unrouted = [r for r in got if r.get("reason", "").startswith("route:")][0]
     assert unrouted["tenant"] == "acme" and unrouted["operation"] == "unrouted"
