@@ -6,8 +6,10 @@
 
 mod claims;
 mod credentials;
+mod enforce;
 mod lookup;
 mod metrics;
+mod ownership;
 mod root;
 mod store;
 mod stream;

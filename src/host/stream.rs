@@ -10,7 +10,10 @@
 //!   list pages.
 //! - Response body → streams are scanned in bounded slices and always `Continue`d, so nothing is
 //!   held back; usage goes to metrics and the request's filter state.
-//! - Log → request counters and durations.
+//! - Log → request counters and durations, stream slots released.
+//!
+//! The ownership gate and body inspection live in [`super::ownership`], rate limits, stream
+//! caps and budgets in [`super::enforce`]; both extend this context.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -29,16 +32,14 @@ use super::store::SharedData;
 use crate::accounting;
 use crate::audit;
 use crate::config::Plan;
-use crate::credentials::KeyRing;
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
 use crate::gateway::{self, header_value as header, Admitted, RequestHead};
 use crate::headers::HeaderEdit;
-use crate::limits::{self, Admission, Class, LimitScope};
+use crate::limits;
 use crate::metering::{MeterContext, ResponseMeter};
 use crate::metrics;
-use crate::policy;
-use crate::routes::{Action as RouteAction, Family, IdKind, Operation};
-use crate::tenancy::{self, LookupResult, Verdict};
+use crate::routes::{Action as RouteAction, Family, IdKind};
+use crate::tenancy;
 
 /// Filter-state key (single path token) under which each request's usage JSON is stored; an
 /// access log prints it with `%FILTER_STATE(wasm.ma_gateway_usage:PLAIN)%`.
@@ -48,7 +49,7 @@ const USAGE_PROPERTY: &str = "ma_gateway_usage";
 const READ_SLICE_BYTES: usize = 64 * 1024;
 
 /// What a call this stream dispatched is for.
-enum Pending {
+pub(super) enum Pending {
     /// The session's model was unknown when its stream opened.
     Model(String),
     /// Who owns an id (ownership cache miss).
@@ -57,7 +58,7 @@ enum Pending {
 
 /// Where the request stands at the ownership gate.
 #[derive(Debug, PartialEq, Eq)]
-enum Gate {
+pub(super) enum Gate {
     /// Nothing to check, or checked and let through.
     Open,
     /// Waiting for owner lookups; `ids` are checked again when they are all in.
@@ -70,29 +71,29 @@ enum Gate {
 }
 
 pub struct GatewayStream {
-    context_id: u32,
-    plan: Option<Rc<Plan>>,
-    metrics: Rc<RefCell<Metrics>>,
-    admitted: Option<Admitted>,
-    started_ms: u64,
-    status: u32,
-    gate: Gate,
+    pub(super) context_id: u32,
+    pub(super) plan: Option<Rc<Plan>>,
+    pub(super) metrics: Rc<RefCell<Metrics>>,
+    pub(super) admitted: Option<Admitted>,
+    pub(super) started_ms: u64,
+    pub(super) status: u32,
+    pub(super) gate: Gate,
     /// The (small) JSON body of a create/update call is still to be checked and tagged.
-    body_pending: bool,
+    pub(super) body_pending: bool,
     /// A `POST …/events` body whose event types the audit record lists.
-    events_pending: bool,
+    pub(super) events_pending: bool,
     /// Rate-limit headers of an admitted call, added to its response.
-    rate_headers: Vec<(String, String)>,
+    pub(super) rate_headers: Vec<(String, String)>,
     /// Concurrent-stream slots this request holds (closed in `on_log`).
-    stream_slots: Vec<String>,
+    pub(super) stream_slots: Vec<String>,
     /// Envoy's `x-request-id` of this request, for the `request_id` of gateway answers.
-    envoy_request_id: Option<String>,
-    pending: HashMap<u32, Pending>,
-    meter: Option<ResponseMeter>,
+    pub(super) envoy_request_id: Option<String>,
+    pub(super) pending: HashMap<u32, Pending>,
+    pub(super) meter: Option<ResponseMeter>,
     /// The response is JSON of owned resources: buffered, tag stripped, list filtered.
-    rewrite_response: bool,
-    stream_open: bool,
-    first_event_recorded: bool,
+    pub(super) rewrite_response: bool,
+    pub(super) stream_open: bool,
+    pub(super) first_event_recorded: bool,
 }
 
 impl GatewayStream {
@@ -119,13 +120,13 @@ impl GatewayStream {
     }
 
     /// Answers the client with the Anthropic error envelope; upstream is never contacted.
-    fn refuse(&mut self, error: &ApiError) -> Action {
+    pub(super) fn refuse(&mut self, error: &ApiError) -> Action {
         self.refuse_with(error, Vec::new())
     }
 
     /// [`Self::refuse`] with extra response headers (`retry-after` on a 429, …); an extra
     /// `x-should-retry` replaces the default.
-    fn refuse_with(&mut self, error: &ApiError, extra: Vec<(String, String)>) -> Action {
+    pub(super) fn refuse_with(&mut self, error: &ApiError, extra: Vec<(String, String)>) -> Action {
         // Envoy's x-request-id, captured with the request headers (they cannot be read from
         // later callbacks: the SDK's getter panics when the host refuses).
         let request_id = gateway_request_id(self.envoy_request_id.as_deref());
@@ -170,7 +171,7 @@ impl GatewayStream {
     }
 
     /// Stores audit fields as filter state for the audit access log.
-    fn audit(&self, fields: Vec<(&'static str, String)>) {
+    pub(super) fn audit(&self, fields: Vec<(&'static str, String)>) {
         for (name, value) in fields {
             let key = format!("{}{name}", audit::PROPERTY_PREFIX);
             if let Err(status) = hostcalls::set_property(vec![key.as_str()], Some(value.as_bytes()))
@@ -197,102 +198,6 @@ impl GatewayStream {
         Ok(())
     }
 
-    /// The ownership gate for `ids`: `Continue` when every id is the caller's tenant's, a
-    /// refusal, or `Pause` while unknown owners are looked up upstream.
-    fn check_owners(&mut self, ids: Vec<(IdKind, String)>, retried: bool) -> Action {
-        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
-            return Action::Continue;
-        };
-        let ownership = plan.isolation.ownership();
-        match tenancy::check(&SharedData, &ownership, &admitted.principal.tenant, &ids) {
-            Verdict::Allow => {
-                self.gate = Gate::Open;
-                Action::Continue
-            }
-            Verdict::Deny(error) => self.refuse(&error),
-            Verdict::Lookup(_) if retried => {
-                // Owners were just fetched but could not be cached: fail closed.
-                self.refuse(&ApiError::new(
-                    ErrorKind::Unavailable,
-                    "ownership could not be verified; nothing was forwarded",
-                ))
-            }
-            Verdict::Lookup(unknown) => {
-                let Some(key) = SharedKeys.key(&admitted.credential) else {
-                    return self.refuse(&ApiError::new(
-                        ErrorKind::Unavailable,
-                        "ownership could not be verified; nothing was forwarded",
-                    ));
-                };
-                for (kind, id) in unknown {
-                    let token = tenancy::lookup_path(kind, &id)
-                        .and_then(|path| lookup::dispatch_get(&plan, &path, &key));
-                    match token {
-                        Some(token) => {
-                            self.pending.insert(token, Pending::Owner(kind, id));
-                        }
-                        None => {
-                            return self.refuse(&ApiError::new(
-                                ErrorKind::Unavailable,
-                                "ownership could not be verified; nothing was forwarded",
-                            ));
-                        }
-                    }
-                }
-                self.gate = Gate::AwaitingOwners { ids, retried };
-                Action::Pause
-            }
-        }
-    }
-
-    /// One owner lookup answered: cache it, and once all are in, decide.
-    fn on_owner_answer(&mut self, kind: IdKind, id: &str, body_size: usize) {
-        let Some(plan) = self.plan.clone() else {
-            return;
-        };
-        if self.gate == Gate::Refused {
-            return;
-        }
-        let (status, body) = lookup::response(body_size);
-        match tenancy::owner_from_lookup(status, &body, &plan.isolation.tag_key) {
-            LookupResult::Owner(owner) => {
-                if let Err(err) = tenancy::remember_owner(&SharedData, id, owner) {
-                    log::warn!("#{} owner of {id} not cached: {err}", self.context_id);
-                }
-            }
-            LookupResult::Missing => {
-                self.refuse(&tenancy::not_found(kind, id));
-                return;
-            }
-            LookupResult::Failed => {
-                log::warn!(
-                    "#{} ownership lookup of {id} answered {status}",
-                    self.context_id
-                );
-                self.refuse(&ApiError::new(
-                    ErrorKind::Unavailable,
-                    "ownership could not be verified; nothing was forwarded",
-                ));
-                return;
-            }
-        }
-        let owners_pending = self
-            .pending
-            .values()
-            .any(|p| matches!(p, Pending::Owner(..)));
-        if owners_pending {
-            return;
-        }
-        let Gate::AwaitingOwners { ids, .. } = std::mem::replace(&mut self.gate, Gate::Open) else {
-            return;
-        };
-        if self.check_owners(ids, true) == Action::Continue {
-            if let Err(status) = hostcalls::resume_http_request() {
-                log::error!("#{} cannot resume the request: {status:?}", self.context_id);
-            }
-        }
-    }
-
     /// Collects a (small) `POST …/events` body to record the event types sent; a body over the
     /// inspection cap is let through unread (the audit says so) rather than refused.
     fn audit_events(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -317,176 +222,9 @@ impl GatewayStream {
         Action::Continue
     }
 
-    /// Whether the request body must be read before anything of it goes upstream: owned
-    /// create/update calls under isolation (references, tagging), calls a tenant policy
-    /// applies to, and session creates under a money budget (clamping).
-    fn needs_body(plan: &Plan, tenant: &str, op: &Operation) -> bool {
-        let owned_write = matches!(
-            op.family,
-            Family::Agents | Family::Sessions | Family::Environments | Family::Vaults
-        ) && matches!(op.action, RouteAction::Create | RouteAction::Update);
-        let policed = plan.policy.for_tenant(tenant).is_some()
-            && (owned_write
-                || (op.family == Family::VaultCredentials
-                    && matches!(op.action, RouteAction::Create | RouteAction::Update)));
-        let clamped = op.family == Family::Sessions
-            && op.action == RouteAction::Create
-            && plan.limits.budgets.for_tenant(tenant).is_some();
-        (plan.isolation.enabled && owned_write) || policed || clamped
-    }
-
-    /// Policy, budget clamp and owner tag applied to a whole request body: the body to
-    /// forward and whether it changed, or the refusal.
-    fn inspect_body(
-        plan: &Plan,
-        tenant: &str,
-        op: &Operation,
-        body: Vec<u8>,
-    ) -> Result<(Vec<u8>, bool), ApiError> {
-        policy::check_body_size(&plan.policy, tenant, body.len() as u64)?;
-        let mut body = body;
-        let mut changed = false;
-        let policed = plan.policy.for_tenant(tenant).is_some();
-        let clamp = op.family == Family::Sessions && op.action == RouteAction::Create;
-        if policed || clamp {
-            let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::new(
-                    ErrorKind::InvalidRequest,
-                    format!("request body is not valid JSON: {e}"),
-                )
-            })?;
-            if policed {
-                policy::check(&plan.policy, tenant, op, &value).map_err(|e| e.because("policy"))?;
-            }
-            if clamp {
-                let remaining = limits::remaining_microdollars(
-                    &SharedData,
-                    &plan.limits.budgets,
-                    tenant,
-                    now_ms() / 1000,
-                );
-                if let Some(remaining) = remaining {
-                    if policy::clamp_session_budget(&mut value, remaining) {
-                        body = serde_json::to_vec(&value).map_err(|e| {
-                            ApiError::new(
-                                ErrorKind::Api,
-                                format!("gateway could not rewrite the body: {e}"),
-                            )
-                        })?;
-                        changed = true;
-                    }
-                }
-            }
-        }
-        if plan.isolation.enabled {
-            let ownership = plan.isolation.ownership();
-            if let Some(tagged) = tenancy::tag_request_body(op, &body, tenant, &ownership)? {
-                body = tagged;
-                changed = true;
-            }
-        }
-        Ok((body, changed))
-    }
-
-    /// Request rates (tenant and principal), concurrent streams and budgets for new work.
-    /// Limits are accounting: if shared data fails they fail open (logged), unlike
-    /// authentication and isolation, which fail closed.
-    fn enforce_limits(&mut self, plan: &Plan, admitted: &Admitted) -> Option<Action> {
-        let op = &admitted.operation;
-        let tenant = admitted.principal.tenant.as_str();
-        let principal = format!("{tenant}/{}", admitted.principal.name);
-        let class = limits::class_of(op);
-        let now = now_ms();
-        for (scope, name) in [
-            (LimitScope::Tenant, tenant),
-            (LimitScope::Principal, principal.as_str()),
-        ] {
-            if let Some(rate) = plan.limits.rate(scope, tenant, class) {
-                match limits::admit(
-                    &SharedData,
-                    &rate,
-                    &limits::bucket_key(scope, name, class),
-                    now,
-                ) {
-                    Ok(Admission::Denied {
-                        retry_after_ms,
-                        limit,
-                    }) => {
-                        let (error, headers) = limits::rate_limited(class, retry_after_ms, limit);
-                        return Some(self.refuse_with(&error, headers));
-                    }
-                    Ok(allowed) => self.rate_headers = allowed.headers(),
-                    Err(err) => log::warn!("#{} rate limit not applied: {err}", self.context_id),
-                }
-            }
-            if class == Class::Stream {
-                if let Some(max) = plan.limits.max_streams(scope, tenant) {
-                    let key = limits::streams_key(scope, name);
-                    match limits::open_stream(&SharedData, &key, max) {
-                        Ok(true) => self.stream_slots.push(key),
-                        Ok(false) => {
-                            let (error, headers) = limits::too_many_streams(max);
-                            return Some(self.refuse_with(&error, headers));
-                        }
-                        Err(err) => {
-                            log::warn!("#{} stream limit not applied: {err}", self.context_id)
-                        }
-                    }
-                }
-            }
-        }
-        let new_work = matches!(
-            (op.family, op.action),
-            (Family::Sessions, RouteAction::Create) | (_, RouteAction::SendEvents)
-        );
-        if new_work {
-            if let Err(exhausted) =
-                limits::check_budget(&SharedData, &plan.limits.budgets, tenant, now / 1000)
-            {
-                let (error, headers) = exhausted.to_error();
-                return Some(self.refuse_with(&error.because("budget"), headers));
-            }
-        }
-        None
-    }
-
-    /// Adds what a response metered to the tenant's budgets.
-    fn charge_budgets(&mut self) {
-        let (Some(meter), Some(admitted)) = (self.meter.as_mut(), self.admitted.as_ref()) else {
-            return;
-        };
-        let spend = meter.take_spend();
-        if spend.tokens == 0 && spend.microdollars == 0 {
-            return;
-        }
-        let tenant = admitted.principal.tenant.as_str();
-        if let Err(err) = limits::charge(
-            &SharedData,
-            tenant,
-            spend.tokens,
-            spend.microdollars,
-            now_ms() / 1000,
-        ) {
-            log::warn!("#{} budget of {tenant} not charged: {err}", self.context_id);
-        }
-    }
-
-    /// Whether a 2xx response of `op` is JSON the gateway rewrites (tag stripped, list filtered).
-    fn rewrites(op: &Operation) -> bool {
-        matches!(
-            op.family,
-            Family::Agents
-                | Family::AgentVersions
-                | Family::Sessions
-                | Family::Environments
-                | Family::Vaults
-                | Family::VaultCredentials
-        ) && op.action != RouteAction::Stream
-    }
-
     /// Feeds `body_size` bytes of the response body to the meter, in bounded slices, and
     /// emits what it found (metrics, filter state, session affinity on create).
-    fn meter_body(&mut self, buffer: BufferType, body_size: usize, end_of_stream: bool) {
+    pub(super) fn meter_body(&mut self, buffer: BufferType, body_size: usize, end_of_stream: bool) {
         let (Some(meter), Some(plan)) = (self.meter.as_mut(), self.plan.as_ref()) else {
             return;
         };
@@ -543,66 +281,6 @@ impl GatewayStream {
             }
         }
         self.metrics.borrow_mut().apply(emissions);
-    }
-
-    /// The whole buffered JSON response of an owned resource: tag stripped, list filtered.
-    fn rewrite_owned_response(&mut self, body_size: usize) -> Action {
-        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
-            return Action::Continue;
-        };
-        let body = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
-            Ok(bytes) => bytes.unwrap_or_default(),
-            Err(status) => {
-                log::error!(
-                    "#{} cannot read the response to rewrite: {status:?}",
-                    self.context_id
-                );
-                return self.refuse(&ApiError::new(
-                    ErrorKind::Api,
-                    "gateway could not read the upstream response",
-                ));
-            }
-        };
-        let ownership = plan.isolation.ownership();
-        let tenant = admitted.principal.tenant.clone();
-        let op = admitted.operation.clone();
-        match tenancy::rewrite_response(&op, self.status, &body, &tenant, &ownership, &SharedData) {
-            Ok(rewrite) => {
-                if let Some(new_body) = rewrite.body {
-                    if let Err(status) =
-                        hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &new_body)
-                    {
-                        log::error!(
-                            "#{} cannot replace the response body: {status:?}",
-                            self.context_id
-                        );
-                        return self.refuse(&ApiError::new(
-                            ErrorKind::Api,
-                            "gateway could not prepare the response",
-                        ));
-                    }
-                }
-                Action::Continue
-            }
-            Err(error) => {
-                // The status line is already on its way: the body becomes the error envelope
-                // (a defence-in-depth path; the request-side gate refuses foreign ids first).
-                log::warn!("#{} response withheld: {}", self.context_id, error.message);
-                self.metrics
-                    .borrow_mut()
-                    .add(&metrics::REFUSALS, &[error.kind.wire_name()], 1);
-                let envelope = error.envelope(&gateway_request_id(None));
-                if let Err(status) =
-                    hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &envelope)
-                {
-                    log::error!(
-                        "#{} cannot replace the response body: {status:?}",
-                        self.context_id
-                    );
-                }
-                Action::Continue
-            }
-        }
     }
 }
 

@@ -1,0 +1,263 @@
+//! The ownership gate and request-body inspection of a stream (tenant isolation, policy,
+//! budget clamp), and the rewriting of owned-resource responses (owner tag stripped, list pages
+//! filtered). Decisions are [`crate::tenancy`]'s and [`crate::policy`]'s; this file only moves
+//! bytes between them and the host.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{Action, BufferType};
+
+use super::credentials::SharedKeys;
+use super::lookup;
+use super::now_ms;
+use super::store::SharedData;
+use super::stream::{Gate, GatewayStream, Pending};
+use crate::config::Plan;
+use crate::credentials::KeyRing;
+use crate::errors::{gateway_request_id, ApiError, ErrorKind};
+use crate::limits;
+use crate::metrics;
+use crate::policy;
+use crate::routes::{Action as RouteAction, Family, IdKind, Operation};
+use crate::tenancy::{self, LookupResult, Verdict};
+
+impl GatewayStream {
+    /// The ownership gate for `ids`: `Continue` when every id is the caller's tenant's, a
+    /// refusal, or `Pause` while unknown owners are looked up upstream.
+    pub(super) fn check_owners(&mut self, ids: Vec<(IdKind, String)>, retried: bool) -> Action {
+        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
+            return Action::Continue;
+        };
+        let ownership = plan.isolation.ownership();
+        match tenancy::check(&SharedData, &ownership, &admitted.principal.tenant, &ids) {
+            Verdict::Allow => {
+                self.gate = Gate::Open;
+                Action::Continue
+            }
+            Verdict::Deny(error) => self.refuse(&error),
+            Verdict::Lookup(_) if retried => {
+                // Owners were just fetched but could not be cached: fail closed.
+                self.refuse(&ApiError::new(
+                    ErrorKind::Unavailable,
+                    "ownership could not be verified; nothing was forwarded",
+                ))
+            }
+            Verdict::Lookup(unknown) => {
+                let Some(key) = SharedKeys.key(&admitted.credential) else {
+                    return self.refuse(&ApiError::new(
+                        ErrorKind::Unavailable,
+                        "ownership could not be verified; nothing was forwarded",
+                    ));
+                };
+                for (kind, id) in unknown {
+                    let token = tenancy::lookup_path(kind, &id)
+                        .and_then(|path| lookup::dispatch_get(&plan, &path, &key));
+                    match token {
+                        Some(token) => {
+                            self.pending.insert(token, Pending::Owner(kind, id));
+                        }
+                        None => {
+                            return self.refuse(&ApiError::new(
+                                ErrorKind::Unavailable,
+                                "ownership could not be verified; nothing was forwarded",
+                            ));
+                        }
+                    }
+                }
+                self.gate = Gate::AwaitingOwners { ids, retried };
+                Action::Pause
+            }
+        }
+    }
+
+    /// One owner lookup answered: cache it, and once all are in, decide.
+    pub(super) fn on_owner_answer(&mut self, kind: IdKind, id: &str, body_size: usize) {
+        let Some(plan) = self.plan.clone() else {
+            return;
+        };
+        if self.gate == Gate::Refused {
+            return;
+        }
+        let (status, body) = lookup::response(body_size);
+        match tenancy::owner_from_lookup(status, &body, &plan.isolation.tag_key) {
+            LookupResult::Owner(owner) => {
+                if let Err(err) = tenancy::remember_owner(&SharedData, id, owner) {
+                    log::warn!("#{} owner of {id} not cached: {err}", self.context_id);
+                }
+            }
+            LookupResult::Missing => {
+                self.refuse(&tenancy::not_found(kind, id));
+                return;
+            }
+            LookupResult::Failed => {
+                log::warn!(
+                    "#{} ownership lookup of {id} answered {status}",
+                    self.context_id
+                );
+                self.refuse(&ApiError::new(
+                    ErrorKind::Unavailable,
+                    "ownership could not be verified; nothing was forwarded",
+                ));
+                return;
+            }
+        }
+        let owners_pending = self
+            .pending
+            .values()
+            .any(|p| matches!(p, Pending::Owner(..)));
+        if owners_pending {
+            return;
+        }
+        let Gate::AwaitingOwners { ids, .. } = std::mem::replace(&mut self.gate, Gate::Open) else {
+            return;
+        };
+        if self.check_owners(ids, true) == Action::Continue {
+            if let Err(status) = hostcalls::resume_http_request() {
+                log::error!("#{} cannot resume the request: {status:?}", self.context_id);
+            }
+        }
+    }
+
+    /// Whether the request body must be read before anything of it goes upstream: owned
+    /// create/update calls under isolation (references, tagging), calls a tenant policy
+    /// applies to, and session creates under a money budget (clamping).
+    pub(super) fn needs_body(plan: &Plan, tenant: &str, op: &Operation) -> bool {
+        let owned_write = matches!(
+            op.family,
+            Family::Agents | Family::Sessions | Family::Environments | Family::Vaults
+        ) && matches!(op.action, RouteAction::Create | RouteAction::Update);
+        let policed = plan.policy.for_tenant(tenant).is_some()
+            && (owned_write
+                || (op.family == Family::VaultCredentials
+                    && matches!(op.action, RouteAction::Create | RouteAction::Update)));
+        let clamped = op.family == Family::Sessions
+            && op.action == RouteAction::Create
+            && plan.limits.budgets.for_tenant(tenant).is_some();
+        (plan.isolation.enabled && owned_write) || policed || clamped
+    }
+
+    /// Policy, budget clamp and owner tag applied to a whole request body: the body to
+    /// forward and whether it changed, or the refusal.
+    pub(super) fn inspect_body(
+        plan: &Plan,
+        tenant: &str,
+        op: &Operation,
+        body: Vec<u8>,
+    ) -> Result<(Vec<u8>, bool), ApiError> {
+        policy::check_body_size(&plan.policy, tenant, body.len() as u64)?;
+        let mut body = body;
+        let mut changed = false;
+        let policed = plan.policy.for_tenant(tenant).is_some();
+        let clamp = op.family == Family::Sessions && op.action == RouteAction::Create;
+        if policed || clamp {
+            let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("request body is not valid JSON: {e}"),
+                )
+            })?;
+            if policed {
+                policy::check(&plan.policy, tenant, op, &value).map_err(|e| e.because("policy"))?;
+            }
+            if clamp {
+                let remaining = limits::remaining_microdollars(
+                    &SharedData,
+                    &plan.limits.budgets,
+                    tenant,
+                    now_ms() / 1000,
+                );
+                if let Some(remaining) = remaining {
+                    if policy::clamp_session_budget(&mut value, remaining) {
+                        body = serde_json::to_vec(&value).map_err(|e| {
+                            ApiError::new(
+                                ErrorKind::Api,
+                                format!("gateway could not rewrite the body: {e}"),
+                            )
+                        })?;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if plan.isolation.enabled {
+            let ownership = plan.isolation.ownership();
+            if let Some(tagged) = tenancy::tag_request_body(op, &body, tenant, &ownership)? {
+                body = tagged;
+                changed = true;
+            }
+        }
+        Ok((body, changed))
+    }
+
+    /// Whether a 2xx response of `op` is JSON the gateway rewrites (tag stripped, list filtered).
+    pub(super) fn rewrites(op: &Operation) -> bool {
+        matches!(
+            op.family,
+            Family::Agents
+                | Family::AgentVersions
+                | Family::Sessions
+                | Family::Environments
+                | Family::Vaults
+                | Family::VaultCredentials
+        ) && op.action != RouteAction::Stream
+    }
+
+    /// The whole buffered JSON response of an owned resource: tag stripped, list filtered.
+    pub(super) fn rewrite_owned_response(&mut self, body_size: usize) -> Action {
+        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
+            return Action::Continue;
+        };
+        let body = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                log::error!(
+                    "#{} cannot read the response to rewrite: {status:?}",
+                    self.context_id
+                );
+                return self.refuse(&ApiError::new(
+                    ErrorKind::Api,
+                    "gateway could not read the upstream response",
+                ));
+            }
+        };
+        let ownership = plan.isolation.ownership();
+        let tenant = admitted.principal.tenant.clone();
+        let op = admitted.operation.clone();
+        match tenancy::rewrite_response(&op, self.status, &body, &tenant, &ownership, &SharedData) {
+            Ok(rewrite) => {
+                if let Some(new_body) = rewrite.body {
+                    if let Err(status) =
+                        hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &new_body)
+                    {
+                        log::error!(
+                            "#{} cannot replace the response body: {status:?}",
+                            self.context_id
+                        );
+                        return self.refuse(&ApiError::new(
+                            ErrorKind::Api,
+                            "gateway could not prepare the response",
+                        ));
+                    }
+                }
+                Action::Continue
+            }
+            Err(error) => {
+                // The status line is already on its way: the body becomes the error envelope
+                // (a defence-in-depth path; the request-side gate refuses foreign ids first).
+                log::warn!("#{} response withheld: {}", self.context_id, error.message);
+                self.metrics
+                    .borrow_mut()
+                    .add(&metrics::REFUSALS, &[error.kind.wire_name()], 1);
+                let envelope = error.envelope(&gateway_request_id(None));
+                if let Err(status) =
+                    hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &envelope)
+                {
+                    log::error!(
+                        "#{} cannot replace the response body: {status:?}",
+                        self.context_id
+                    );
+                }
+                Action::Continue
+            }
+        }
+    }
+}
