@@ -10,7 +10,7 @@ VENV_STAMP   := $(VENV)/.installed
 WASM         := target/wasm32-wasip1/release/ma_gateway.wasm
 EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
-DEBIAN_PACKAGES := ca-certificates
+DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry
 
 .PHONY: all run test bench lint unit validate e2e build wasm emulator toolchain venv debs clean
 
@@ -57,6 +57,13 @@ emulator:
 	cargo build --release --bin ma-emulator
 
 build: wasm emulator
+
+## oci: the filter as a reproducible OCI image (Wasm "compat" variant: one tar+gzip layer with
+## plugin.wasm, for Istio WasmPlugin and Envoy Gateway) in target/oci, plus an oci-archive; no
+## Docker engine. Prints the manifest digest to pin (SOURCE_DATE_EPOCH overrides the HEAD time).
+.PHONY: oci
+oci: wasm venv
+	$(VENV_PY) -m tests.harness.oci --wasm $(WASM) --out target/oci --archive target/ma-gateway.oci.tar
 
 lint: toolchain
 	cargo fmt --check
