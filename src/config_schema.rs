@@ -52,77 +52,6 @@ const MAX_CLUSTER_NAME: u64 = 256;
 /// Policy globs (bytes in the parser; characters here, which is never stricter).
 const MAX_POLICY_PATTERN: u64 = 256;
 
-/// Every family, in the order of `scopes.rs`. [`family_guard`] fails to compile when a variant
-/// is added to [`Family`] until it is listed here too.
-const FAMILIES: [Family; 15] = [
-    Family::Agents,
-    Family::AgentVersions,
-    Family::Sessions,
-    Family::SessionEvents,
-    Family::SessionThreads,
-    Family::SessionResources,
-    Family::Environments,
-    Family::EnvironmentWork,
-    Family::Vaults,
-    Family::VaultCredentials,
-    Family::Files,
-    Family::Skills,
-    Family::MemoryStores,
-    Family::Deployments,
-    Family::DeploymentRuns,
-];
-
-/// Every action, in the order of `scopes.rs`; see [`action_guard`].
-const ACTIONS: [Action; 8] = [
-    Action::Create,
-    Action::Read,
-    Action::List,
-    Action::Update,
-    Action::Delete,
-    Action::Archive,
-    Action::Stream,
-    Action::SendEvents,
-];
-
-/// Exhaustive on purpose: a new [`Family`] variant stops the build here (list it in
-/// [`FAMILIES`]).
-#[allow(dead_code)]
-fn family_guard(family: Family) {
-    match family {
-        Family::Agents
-        | Family::AgentVersions
-        | Family::Sessions
-        | Family::SessionEvents
-        | Family::SessionThreads
-        | Family::SessionResources
-        | Family::Environments
-        | Family::EnvironmentWork
-        | Family::Vaults
-        | Family::VaultCredentials
-        | Family::Files
-        | Family::Skills
-        | Family::MemoryStores
-        | Family::Deployments
-        | Family::DeploymentRuns => {}
-    }
-}
-
-/// Exhaustive on purpose: a new [`Action`] variant stops the build here (list it in
-/// [`ACTIONS`]).
-#[allow(dead_code)]
-fn action_guard(action: Action) {
-    match action {
-        Action::Create
-        | Action::Read
-        | Action::List
-        | Action::Update
-        | Action::Delete
-        | Action::Archive
-        | Action::Stream
-        | Action::SendEvents => {}
-    }
-}
-
 /// Characters Rust's `char::is_control` (Unicode Cc) refuses, as a regex class body.
 const CONTROL: &str = r"\x00-\x1F\x7F-\x9F";
 /// Characters Rust's `char::is_whitespace` (Unicode White_Space) refuses, minus the controls.
@@ -198,8 +127,8 @@ fn schema(d: &Plan) -> Value {
 
 /// The reusable leaves, referenced as `#/$defs/<name>`.
 fn defs() -> Value {
-    let families: Vec<&str> = FAMILIES.iter().map(|f| f.as_str()).collect();
-    let actions: Vec<&str> = ACTIONS.iter().map(|a| a.as_str()).collect();
+    let families: Vec<&str> = Family::ALL.iter().map(|f| f.as_str()).collect();
+    let actions: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
     let scope = format!(
         r"^(\*|{}):(\*|readonly|{})$",
         families.join("|"),

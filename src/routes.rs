@@ -31,6 +31,25 @@ pub enum Family {
 }
 
 impl Family {
+    /// Every family (scopes and the config schema enumerate them).
+    pub const ALL: [Family; 15] = [
+        Family::Agents,
+        Family::AgentVersions,
+        Family::Sessions,
+        Family::SessionEvents,
+        Family::SessionThreads,
+        Family::SessionResources,
+        Family::Environments,
+        Family::EnvironmentWork,
+        Family::Vaults,
+        Family::VaultCredentials,
+        Family::Files,
+        Family::Skills,
+        Family::MemoryStores,
+        Family::Deployments,
+        Family::DeploymentRuns,
+    ];
+
     /// Stable snake_case name, used in config (scopes), logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -69,6 +88,18 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action (scopes and the config schema enumerate them).
+    pub const ALL: [Action; 8] = [
+        Action::Create,
+        Action::Read,
+        Action::List,
+        Action::Update,
+        Action::Delete,
+        Action::Archive,
+        Action::Stream,
+        Action::SendEvents,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Create => "create",
@@ -80,6 +111,45 @@ impl Action {
             Action::Stream => "stream",
             Action::SendEvents => "send_events",
         }
+    }
+}
+
+/// Exhaustive on purpose: a new [`Family`] variant stops the build here (list it in
+/// [`Family::ALL`]).
+#[allow(dead_code)]
+fn family_guard(family: Family) {
+    match family {
+        Family::Agents
+        | Family::AgentVersions
+        | Family::Sessions
+        | Family::SessionEvents
+        | Family::SessionThreads
+        | Family::SessionResources
+        | Family::Environments
+        | Family::EnvironmentWork
+        | Family::Vaults
+        | Family::VaultCredentials
+        | Family::Files
+        | Family::Skills
+        | Family::MemoryStores
+        | Family::Deployments
+        | Family::DeploymentRuns => {}
+    }
+}
+
+/// Exhaustive on purpose: a new [`Action`] variant stops the build here (list it in
+/// [`Action::ALL`]).
+#[allow(dead_code)]
+fn action_guard(action: Action) {
+    match action {
+        Action::Create
+        | Action::Read
+        | Action::List
+        | Action::Update
+        | Action::Delete
+        | Action::Archive
+        | Action::Stream
+        | Action::SendEvents => {}
     }
 }
 

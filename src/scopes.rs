@@ -25,35 +25,6 @@ enum ActionSet {
     One(Action),
 }
 
-const FAMILIES: [Family; 15] = [
-    Family::Agents,
-    Family::AgentVersions,
-    Family::Sessions,
-    Family::SessionEvents,
-    Family::SessionThreads,
-    Family::SessionResources,
-    Family::Environments,
-    Family::EnvironmentWork,
-    Family::Vaults,
-    Family::VaultCredentials,
-    Family::Files,
-    Family::Skills,
-    Family::MemoryStores,
-    Family::Deployments,
-    Family::DeploymentRuns,
-];
-
-const ACTIONS: [Action; 8] = [
-    Action::Create,
-    Action::Read,
-    Action::List,
-    Action::Update,
-    Action::Delete,
-    Action::Archive,
-    Action::Stream,
-    Action::SendEvents,
-];
-
 impl Scope {
     /// Parses `family:action`; the error says what is wrong.
     pub fn parse(text: &str) -> Result<Scope, String> {
@@ -63,7 +34,7 @@ impl Scope {
         let family = match family {
             "*" => None,
             name => Some(
-                FAMILIES
+                Family::ALL
                     .into_iter()
                     .find(|f| f.as_str() == name)
                     .ok_or_else(|| format!("scope {text:?}: unknown family {name:?}"))?,
@@ -73,7 +44,7 @@ impl Scope {
             "*" => ActionSet::Any,
             "readonly" => ActionSet::ReadOnly,
             name => ActionSet::One(
-                ACTIONS
+                Action::ALL
                     .into_iter()
                     .find(|a| a.as_str() == name)
                     .ok_or_else(|| format!("scope {text:?}: unknown action {name:?}"))?,
