@@ -1044,7 +1044,8 @@ fn uint(value: &Value, path: &str, min: u64, max: u64) -> Result<u64, String> {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+/// A tenant (or principal) name usable as a map key in `limits` and `policy` config.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name

@@ -60,6 +60,7 @@
 use std::collections::BTreeMap;
 
 use crate::errors::json_type_name as type_name;
+use crate::limits::valid_name;
 use serde_json::{json, Map, Value};
 
 use crate::errors::{excerpt, ApiError, ErrorKind};
@@ -929,14 +930,6 @@ fn object<'a>(
         Some(unknown) => Err(format!("{}: unknown field", join(path, unknown))),
         None => Ok(map),
     }
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 #[cfg(test)]
