@@ -613,10 +613,14 @@ fn parse_scopes(obj: &mut Obj, key: &str) -> Result<Option<Vec<Scope>>, ConfigEr
     Ok(Some(scopes))
 }
 
-/// A name usable in logs, metric labels and shared-data keys.
-fn is_name(name: &str) -> bool {
+/// Longest tenant, credential or key name.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// A name usable in logs, metric labels and shared-data keys (tenants, credentials, keys; also
+/// the tenant a verified JWT names).
+pub fn is_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_NAME_BYTES
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))

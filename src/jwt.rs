@@ -45,8 +45,8 @@ const MAX_DEPTH: usize = 32;
 const MAX_NAME_BYTES: usize = 256;
 /// Longest subject kept.
 const MAX_SUBJECT_BYTES: usize = 256;
-/// Longest tenant name (same rule as tenant names in the plugin config).
-const MAX_TENANT_BYTES: usize = 64;
+/// Longest tenant name (the plugin config's rule for tenant names).
+const MAX_TENANT_BYTES: usize = crate::config::MAX_NAME_BYTES;
 /// Most scopes one token may carry, and the longest one.
 const MAX_SCOPES: usize = 256;
 const MAX_SCOPE_BYTES: usize = 128;
@@ -191,7 +191,7 @@ pub fn claims_from_payload(payload: &Value, rules: &JwtRules) -> Result<Claims, 
         ));
     }
     let tenant = string_claim(&rules.tenant_claim)?;
-    if !is_tenant_name(tenant) {
+    if !crate::config::is_name(tenant) {
         return Err(claim_error(
             &rules.tenant_claim,
             format!(
@@ -211,15 +211,6 @@ pub fn claims_from_payload(payload: &Value, rules: &JwtRules) -> Result<Claims, 
         tenant: tenant.to_string(),
         scopes,
     })
-}
-
-/// A tenant name as the plugin config accepts them: safe in logs, metric labels and keys.
-fn is_tenant_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_TENANT_BYTES
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// A scopes claim: `"a b c"` (RFC 8693 `scope`) or `["a", "b"]` (`scp`, or normalized).
