@@ -10,7 +10,7 @@ VENV_STAMP   := $(VENV)/.installed
 WASM         := target/wasm32-wasip1/release/ma_gateway.wasm
 EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
-DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry
+DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry wrk nghttp2-client
 
 .PHONY: all run test bench lint unit validate e2e build wasm emulator toolchain venv debs clean
 
