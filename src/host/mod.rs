@@ -7,6 +7,8 @@
 mod claims;
 mod credentials;
 mod enforce;
+#[cfg(feature = "fault-injection")]
+mod fault_injection;
 mod lookup;
 mod metrics;
 mod ownership;

@@ -259,6 +259,8 @@ impl RootContext for GatewayRoot {
     }
 
     fn on_tick(&mut self) {
+        #[cfg(feature = "fault-injection")]
+        super::fault_injection::on_tick();
         let Some(plan) = self.plan.clone() else {
             return;
         };

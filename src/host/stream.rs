@@ -329,6 +329,8 @@ impl HttpContext for GatewayStream {
             }
         };
         self.envoy_request_id = header(&headers, "x-request-id").map(str::to_string);
+        #[cfg(feature = "fault-injection")]
+        super::fault_injection::on_request_headers(self.context_id, &headers);
         let Some(plan) = self.plan.clone() else {
             return self.refuse(&ApiError::new(ErrorKind::Api, "gateway is not configured"));
         };
@@ -565,6 +567,8 @@ impl HttpContext for GatewayStream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        #[cfg(feature = "fault-injection")]
+        super::fault_injection::on_response_body(self.context_id, body_size);
         if self.rewrite_response {
             if !end_of_stream {
                 return Action::Pause;
@@ -580,6 +584,8 @@ impl HttpContext for GatewayStream {
     }
 
     fn on_log(&mut self) {
+        #[cfg(feature = "fault-injection")]
+        super::fault_injection::forget(self.context_id);
         let (family, action) = match &self.admitted {
             Some(admitted) => (
                 admitted.operation.family.as_str(),

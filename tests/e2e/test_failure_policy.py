@@ -1,0 +1,444 @@
+"""What a panic in the filter does, in real Envoy, under each Wasm `failure_policy`.
+
+The panics are real (`panic = "abort"`: the VM traps, as a bug would), triggered on demand by a
+test-only build: cargo feature `fault-injection`, built into `target/fault-injection/` so the
+shipped module is never touched, and proven absent from the shipped `.wasm`. A request carrying
+`x-ma-gateway-fault: <point>` panics at that point (see src/host/fault_injection.rs).
+
+One worker (`--concurrency 1`) so every request meets the VM that panicked.
+
+- shipped policy (FAIL_RELOAD, read from envoy.yaml): the panicking request gets a 503 within
+  milliseconds and never reaches upstream; requests in the reload backoff (1 s by default) get
+  the same 503; then a fresh VM serves (200). A stream open on the same VM is cut at its next
+  chunk (no more events, no `session.status_idle`); its usage is metered later from the
+  session's cumulative snapshot, exactly. A panic in the background service (on_tick) stops it
+  for good: Envoy reloads only filter VMs, on a request.
+- FAIL_CLOSED: the worker answers 503 to everything from then on.
+- FAIL_OPEN: the filter is skipped from then on: unauthenticated calls, the client's own
+  gateway key and paths outside Managed Agents all reach upstream. Not acceptable for auth.
+- the proposed envoy.yaml additions (PROPOSED_* below): the 503 becomes an Anthropic error
+  envelope (`api_error`, `x-should-retry: true`) and recovery takes ~0.1 s.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.client
+import json
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import KEYS, MANAGED_AGENTS_BETA, Gateway
+from tests.e2e.test_streaming import new_session, send_text
+from tests.harness import stack
+
+FAULT_TARGET_DIR = stack.ROOT / "target" / "fault-injection"
+FAULT_WASM = FAULT_TARGET_DIR / "wasm32-wasip1" / "release" / "ma_gateway.wasm"
+FAULT_HEADER = "x-ma-gateway-fault"
+# Strings only the fault-injection code puts into the module (the header name itself is
+# compiled into byte comparisons, so it is not a reliable marker).
+FAULT_MARKERS = [b"fault-injection test build", b"ma_gateway.fault.tick"]
+
+# Proposed for envoy.yaml (HCM): Envoy's bare 503 of a failed VM as an Anthropic error envelope.
+# Matched on the response code details Envoy gives a failed Wasm stream, so the gateway's own
+# refusals (already envelopes, also local replies) and upstream answers are untouched.
+PROPOSED_LOCAL_REPLY_CONFIG = {
+    "mappers": [{
+        "filter": {"extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": "response.code_details == 'wasm_fail_stream'",
+            },
+        }},
+        "headers_to_add": [{"header": {"key": "x-should-retry", "value": "true"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "body_format_override": {
+            "content_type": "application/json",
+            "json_format": {
+                "type": "error",
+                "error": {"type": "api_error",
+                          "message": "the gateway filter failed on this request; retry"},
+                "request_id": "%REQ(X-REQUEST-ID)%",
+            },
+        },
+    }]
+}
+# Proposed for envoy.yaml (Wasm filter config): reload a failed VM after 0.1 s instead of 1 s.
+PROPOSED_RELOAD_CONFIG = {"backoff": {"base_interval": "0.1s", "max_interval": "1s"}}
+
+# Bounds for a loaded 2-core box; the measured values are printed.
+PANIC_REPLY_BOUND_S = 2.0
+RECOVERY_BOUND_S = 10.0
+
+
+@pytest.fixture(scope="session")
+def fault_wasm() -> str:
+    """The fault-injection build (cargo decides whether anything needs rebuilding)."""
+    result = subprocess.run(
+        ["cargo", "build", "--target", "wasm32-wasip1", "--release", "--lib",
+         "--features", "fault-injection", "--target-dir", str(FAULT_TARGET_DIR)],
+        cwd=str(stack.ROOT), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert FAULT_WASM.exists()
+    return str(FAULT_WASM)
+
+
+def test_shipped_module_contains_no_fault_trigger(fault_wasm):
+    shipped = stack.WASM.read_bytes()
+    fault = FAULT_WASM.read_bytes()
+    for marker in FAULT_MARKERS:
+        assert marker in fault, f"positive control: {marker!r} should be in the fault build"
+        assert marker not in shipped, f"{marker!r} is in the shipped {stack.WASM}"
+    assert FAULT_WASM.resolve() != stack.WASM.resolve()
+
+
+def shipped_failure_policy() -> str:
+    config = yaml.safe_load(stack.ENVOY_YAML.read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return next(f for f in hcm["http_filters"] if f["name"] == "ma_gateway")["typed_config"]["config"]["failure_policy"]
+
+
+def _filter_config(config: dict) -> tuple[dict, dict]:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = next(f for f in hcm["http_filters"] if f["name"] == "ma_gateway")["typed_config"]["config"]
+    return hcm, wasm
+
+
+def start(emulator, fault_wasm, *, policy: str | None = None, proposed: bool = False,
+          plugin_overrides=None) -> Gateway:
+    """Envoy from the shipped envoy.yaml with the fault build, one worker; `policy` overrides
+    the shipped failure_policy; `proposed` adds the proposed local reply and reload configs."""
+    config = stack.render_envoy_config(
+        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        gateway_keys=KEYS, wasm_path=fault_wasm, plugin_overrides=plugin_overrides)
+    hcm, wasm = _filter_config(config)
+    if policy is not None:
+        wasm["failure_policy"] = policy
+    if proposed:
+        hcm["local_reply_config"] = copy.deepcopy(PROPOSED_LOCAL_REPLY_CONFIG)
+        wasm["reload_config"] = copy.deepcopy(PROPOSED_RELOAD_CONFIG)
+    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key), concurrency=1).start()
+    return Gateway(envoy, emulator)
+
+
+def stats(gateway: Gateway, prefix: str) -> dict[str, int]:
+    out = {}
+    for line in gateway.envoy.admin(f"/stats?filter=^{prefix}").splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name] = int(value)
+    return out
+
+
+def upstream_saw(emulator, marker: str) -> list[dict]:
+    return [r for r in emulator.requests() if marker in r["path"]]
+
+
+def panic_now(gateway: Gateway, point: str = "request-headers", **kwargs):
+    """Sends a panicking request; returns (reply, seconds, marker in its query)."""
+    marker = uuid.uuid4().hex
+    started = time.monotonic()
+    reply = gateway.call("GET", f"/v1/agents?marker={marker}", headers={FAULT_HEADER: point}, **kwargs)
+    return reply, time.monotonic() - started, marker
+
+
+def envelope_expected() -> bool:
+    """Whether envoy.yaml maps the failed-VM 503 to an Anthropic envelope (the proposal)."""
+    hcm, _ = _filter_config(yaml.safe_load(stack.ENVOY_YAML.read_text()))
+    return "local_reply_config" in hcm
+
+
+def assert_failed_vm_reply(reply, *, envelope: bool):
+    assert reply.status == 503
+    if envelope:
+        body = reply.json()
+        assert body["type"] == "error" and body["error"]["type"] == "api_error", body
+        assert reply.headers["x-should-retry"] == "true"
+        assert reply.headers["content-type"] == "application/json"
+    else:
+        # Envoy's own local reply for a failed VM: bare, no body, no envelope.
+        assert reply.body == b"", reply.body
+        assert reply.headers["content-length"] == "0"
+
+
+class Stream:
+    """An SSE stream read on a thread: (monotonic arrival, event name) per named event."""
+
+    def __init__(self, gateway: Gateway, path: str):
+        self.conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
+        self.conn.request("GET", path, headers={
+            "x-api-key": KEYS["alice"], "anthropic-beta": MANAGED_AGENTS_BETA,
+            "anthropic-version": "2023-06-01"})
+        self.resp = self.conn.getresponse()
+        self.events: list[tuple[float, str]] = []
+        self.ended_at: float | None = None
+        self.error: str | None = None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            while True:
+                line = self.resp.readline()
+                if not line:
+                    break
+                text = line.decode(errors="replace").rstrip("\r\n")
+                if text.startswith("event:"):
+                    with self.cond:
+                        self.events.append((time.monotonic(), text[6:].strip()))
+                        self.cond.notify_all()
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        with self.cond:
+            self.ended_at = time.monotonic()
+            self.cond.notify_all()
+
+    def wait(self, predicate, timeout: float, what: str):
+        with self.cond:
+            if not self.cond.wait_for(lambda: predicate(self), timeout=timeout):
+                raise AssertionError(f"timed out waiting for {what}: {self.names()}")
+
+    def names(self) -> list[str]:
+        return [name for _, name in self.events]
+
+    def count(self, name: str) -> int:
+        return self.names().count(name)
+
+    def close(self):
+        self.conn.close()
+
+
+def tokens(gateway: Gateway) -> dict[str, int]:
+    """ma_gateway_tokens_total by type (one tenant, one model in these tests)."""
+    out = {}
+    for line in gateway.envoy.admin("/stats/prometheus").splitlines():
+        if line.startswith("ma_gateway_tokens_total{"):
+            kind = line.split('type="', 1)[1].split('"', 1)[0]
+            out[kind] = out.get(kind, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def wait_recovered(gateway: Gateway) -> tuple[float, list]:
+    """Polls an ordinary call until it is served; returns (seconds, replies while failed)."""
+    started = time.monotonic()
+    failed = []
+    while time.monotonic() - started < RECOVERY_BOUND_S:
+        reply = gateway.call("GET", "/v1/agents")
+        if reply.status == 200:
+            return time.monotonic() - started, failed
+        failed.append(reply)
+        time.sleep(0.02)
+    raise AssertionError(f"no recovery within {RECOVERY_BOUND_S}s: {[r.status for r in failed][-5:]}")
+
+
+def test_shipped_policy_fails_closed_then_reloads(emulator, fault_wasm):
+    policy = shipped_failure_policy()
+    assert policy == "FAIL_RELOAD", "this test describes FAIL_RELOAD; envoy.yaml changed policy"
+    envelope = envelope_expected()
+    gw = start(emulator, fault_wasm)
+    stream = None
+    try:
+        assert gw.call("GET", "/v1/agents").status == 200
+
+        # A stream open on the same VM when another request panics.
+        sid = new_session(gw)
+        stream = Stream(gw, f"/v1/sessions/{sid}/events/stream")
+        assert stream.resp.status == 200
+        send_text(gw, sid, "emulator:ticker 6")
+        stream.wait(lambda s: s.count("agent.message") >= 2, 20, "two ticks")
+
+        reply, took, marker = panic_now(gw)
+        panicked_at = time.monotonic()
+        print(f"\npanicking request: {reply.status} in {took * 1000:.1f} ms, body {reply.body!r}")
+        assert_failed_vm_reply(reply, envelope=envelope)
+        assert took < PANIC_REPLY_BOUND_S
+        assert upstream_saw(emulator, marker) == []
+
+        # Requests in the reload backoff are refused the same way; then a fresh VM serves.
+        recovered_in, during = wait_recovered(gw)
+        print(f"recovered after {recovered_in:.2f} s; {len(during)} calls refused meanwhile")
+        for failed in during:
+            assert_failed_vm_reply(failed, envelope=envelope)
+        reload = stats(gw, "wasm.ma_gateway.vm_reload")
+        print(f"reload stats: {reload}")
+        assert reload["wasm.ma_gateway.vm_reload_success"] == 1
+        assert reload["wasm.ma_gateway.vm_reload_failure"] == 0
+        assert reload["wasm.ma_gateway.vm_reload_backoff"] == len(during)
+
+        # The open stream is cut at its next chunk: nothing after the panic, no idle.
+        stream.wait(lambda s: s.ended_at is not None, 20, "the stream to end")
+        after = [name for at, name in stream.events if at > panicked_at]
+        print(f"open stream: {stream.count('agent.message')} ticks before the panic, events after: {after}, "
+              f"ended {stream.ended_at - panicked_at:.2f} s after it ({stream.error or 'EOF'})")
+        assert after == []
+        assert stream.count("agent.message") == 2
+        assert "session.status_idle" not in stream.names()
+
+        # The fresh VM authenticates as before, and shared data (credential, accounting)
+        # survived: the cut stream's turn is metered exactly from the session snapshot.
+        assert gw.call("GET", "/v1/agents", key="not-a-gateway-key").status == 401
+        deadline = time.monotonic() + 30
+        while emulator.usage(sid)["model_requests"] < 1:
+            assert time.monotonic() < deadline, "the ticker turn never finished upstream"
+            time.sleep(0.1)
+        truth = emulator.usage(sid)
+        gw.ok("GET", f"/v1/sessions/{sid}")
+        metered = tokens(gw)
+        print(f"metered after the panic from the snapshot: {metered}")
+        expected = {
+            "input": truth["input_tokens"], "output": truth["output_tokens"],
+            "cache_read": truth["cache_read_input_tokens"],
+            "cache_write": truth["cache_creation_input_tokens"],
+        }
+        assert expected["output"] > 0
+        assert metered == {kind: n for kind, n in expected.items() if n}
+        gauge = [line for line in gw.envoy.admin("/stats/prometheus").splitlines()
+                 if line.startswith("ma_gateway_active_streams")]
+        print(f"active-streams gauge after the cut stream: {gauge}")
+
+        # A stream that panics itself, mid-stream (third body chunk).
+        sid2 = new_session(gw)
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        conn.request("GET", f"/v1/sessions/{sid2}/events/stream", headers={
+            "x-api-key": KEYS["alice"], "anthropic-beta": MANAGED_AGENTS_BETA,
+            "anthropic-version": "2023-06-01", FAULT_HEADER: "response-body:3"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        send_text(gw, sid2, "hello")
+        names, started = [], time.monotonic()
+        try:
+            for line in iter(resp.readline, b""):
+                if line.startswith(b"event:"):
+                    names.append(line[6:].strip().decode())
+        except (OSError, http.client.HTTPException):
+            pass
+        conn.close()
+        print(f"self-panicking stream: events {names}, ended after {time.monotonic() - started:.2f} s")
+        assert "session.status_idle" not in names
+        recovered_in, _ = wait_recovered(gw)
+        assert stats(gw, "wasm.ma_gateway.vm_reload")["wasm.ma_gateway.vm_reload_success"] == 2
+    finally:
+        if stream:
+            stream.close()
+        gw.envoy.stop()
+
+
+def test_a_background_service_panic_stops_it_until_restart(emulator, fault_wasm):
+    """The singleton (reconciler, Vault refresh) is not reloaded: measured, not desired."""
+    gw = start(emulator, fault_wasm, plugin_overrides={"metering": {"reconcile_interval_secs": 1}})
+    try:
+        # Alive: a session nobody reads is metered by the reconciler.
+        sid = new_session(gw)
+        send_text(gw, sid, "before")
+        deadline = time.monotonic() + 20
+        while tokens(gw).get("output", 0) == 0:
+            assert time.monotonic() < deadline, "the reconciler never metered the session"
+            time.sleep(0.1)
+        before = tokens(gw)
+        panicked = gw.call("GET", "/v1/agents", headers={FAULT_HEADER: "tick"})
+        assert panicked.status == 200  # the request itself is fine; the next tick panics
+        deadline = time.monotonic() + 20
+        while "fault injected in on_tick" not in gw.envoy.log():
+            assert time.monotonic() < deadline, "the background service did not panic"
+            time.sleep(0.1)
+        send_text(gw, sid, "after")
+        deadline = time.monotonic() + 20
+        while emulator.usage(sid)["model_requests"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # Three reconcile intervals: nothing new is metered, no reload is attempted.
+        time.sleep(3)
+        assert tokens(gw) == before
+        assert stats(gw, "wasm.ma_gateway_reconciler.vm_reload")["wasm.ma_gateway_reconciler.vm_reload_success"] == 0
+        # The filter VMs are unaffected, and a read of the session meters the rest.
+        gw.ok("GET", f"/v1/sessions/{sid}")
+        truth = emulator.usage(sid)
+        assert tokens(gw)["output"] == truth["output_tokens"]
+    finally:
+        gw.envoy.stop()
+
+
+def test_fail_closed_keeps_the_worker_failed(emulator, fault_wasm):
+    gw = start(emulator, fault_wasm, policy="FAIL_CLOSED")
+    try:
+        assert gw.call("GET", "/v1/agents").status == 200
+        reply, took, marker = panic_now(gw)
+        assert_failed_vm_reply(reply, envelope=False)
+        assert took < PANIC_REPLY_BOUND_S
+        # Well past FAIL_RELOAD's 1 s backoff: still failed, nothing reaches upstream.
+        emulator_before = len(emulator.requests())
+        started, statuses = time.monotonic(), []
+        while time.monotonic() - started < 2.5:
+            statuses.append(gw.call("GET", "/v1/agents").status)
+            time.sleep(0.05)
+        print(f"\nFAIL_CLOSED: {len(statuses)} calls over 2.5 s after the panic, statuses {set(statuses)}")
+        assert set(statuses) == {503}
+        assert len(emulator.requests()) == emulator_before
+        assert upstream_saw(emulator, marker) == []
+        assert stats(gw, "wasm.ma_gateway.vm_reload")["wasm.ma_gateway.vm_reload_success"] == 0
+    finally:
+        gw.envoy.stop()
+
+
+def test_fail_open_lets_unauthenticated_calls_reach_upstream(emulator, fault_wasm):
+    """Why FAIL_OPEN is never shipped: after one panic the gateway is simply gone."""
+    gw = start(emulator, fault_wasm, policy="FAIL_OPEN")
+    try:
+        refused = gw.call("GET", "/v1/agents", key=None)
+        assert refused.status == 401 and refused.json()["error"]["type"] == "authentication_error"
+        reply, _, marker = panic_now(gw)
+        assert reply.status == 503  # the panicking call itself
+        assert upstream_saw(emulator, marker) == []
+
+        unauthenticated = uuid.uuid4().hex
+        reply = gw.call("GET", f"/v1/agents?marker={unauthenticated}", key=None)
+        seen = upstream_saw(emulator, unauthenticated)
+        assert len(seen) == 1, "an unauthenticated call reached upstream"
+        # Upstream's own refusal (no key was injected), not the gateway's envelope.
+        assert reply.status == 401 and not reply.json()["request_id"].startswith("req_gw_")
+
+        leaked = uuid.uuid4().hex
+        gw.call("GET", f"/v1/agents?marker={leaked}")
+        headers = dict(upstream_saw(emulator, leaked)[0]["headers"])
+        assert headers["x-api-key"] == KEYS["alice"], "the client's gateway key went upstream"
+
+        outside = uuid.uuid4().hex
+        gw.call("POST", f"/v1/messages?marker={outside}", body={"model": "x"})
+        assert len(upstream_saw(emulator, outside)) == 1, "default deny is gone"
+    finally:
+        gw.envoy.stop()
+
+
+def test_proposed_local_reply_maps_the_failed_vm_503_to_an_envelope(emulator, fault_wasm):
+    gw = start(emulator, fault_wasm, proposed=True)
+    try:
+        # The gateway's own refusals (local replies too) are left as they are.
+        refused = gw.call("GET", "/v1/agents", key="not-a-gateway-key")
+        assert refused.status == 401
+        assert refused.json()["error"] == {"type": "authentication_error", "message": "invalid gateway key"}
+        assert refused.headers["x-should-retry"] == "false"
+
+        reply, took, marker = panic_now(gw)
+        assert reply.json() == {
+            "type": "error",
+            "error": {"type": "api_error", "message": "the gateway filter failed on this request; retry"},
+            "request_id": reply.json()["request_id"],
+        }
+        assert_failed_vm_reply(reply, envelope=True)
+        assert upstream_saw(emulator, marker) == []
+        recovered_in, during = wait_recovered(gw)
+        print(f"\nproposed config: 503 envelope in {took * 1000:.1f} ms, recovered after "
+              f"{recovered_in:.2f} s ({len(during)} calls refused meanwhile)")
+        for failed in during:
+            assert_failed_vm_reply(failed, envelope=True)
+        assert recovered_in < 1.0
+    finally:
+        gw.envoy.stop()
