@@ -195,7 +195,8 @@ class Stream:
                     with self.cond:
                         self.events.append((time.monotonic(), text[6:].strip()))
                         self.cond.notify_all()
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
+            # (ValueError/AttributeError: closed by `close` while reading.)
             self.error = f"{type(exc).__name__}: {exc}"
         with self.cond:
             self.ended_at = time.monotonic()

@@ -239,6 +239,8 @@ class Envoy:
     admin_url: str = ""
     listen_port: int = 0
     log_path: Path | None = None
+    # More Envoy command-line options (e.g. `--drain-time-s 3600`).
+    extra_args: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 60) -> "Envoy":
         config_path = self.workdir / "envoy.json"
@@ -257,6 +259,7 @@ class Envoy:
                 # Access (audit) logs reach their file within 100 ms, so tests need not wait long.
                 "--file-flush-interval-msec", "100",
                 "--component-log-level", "wasm:info",
+                *self.extra_args,
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
