@@ -216,3 +216,57 @@ def test_streams_on_the_old_config_are_closed_when_the_drain_time_runs_out(emula
         if stream:
             stream.close()
         lds.stop()
+
+
+def test_ecds_updates_the_plugin_config_without_draining_anything(emulator, upstream, tmp_path):
+    """The alternative to LDS measured here (proposed, not shipped as an example yet): the Wasm
+    filter's config alone from a watched file (ECDS). Nothing drains, so no drain time can cut
+    a stream, and even a keep-alive connection opened before gets the new config at once."""
+    config = stack.render_envoy_config(upstream=upstream, listen_port=0, admin_port=0, gateway_keys=KEYS)
+    typed_config = dynamic.to_ecds(config, tmp_path)
+    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
+    gw = Gateway(envoy, emulator)
+    stream = keep = None
+    try:
+        assert dynamic.ecds_counters(envoy)["update_success"] == 1
+        sid, stream = open_ticking_stream(gw)
+        keep = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+        assert keep_alive_call(keep, KEYS["alice"]) == (200, None)
+        assert keep_alive_call(keep, NEW_KEY) == (401, None)
+
+        plugin = json.loads(typed_config["config"]["configuration"]["value"])
+        plugin["gateway_keys"] = [{"name": n, "sha256": stack.sha256_hex(k)}
+                                  for n, k in {"alice": KEYS["alice"], "carol": NEW_KEY}.items()]
+        typed_config["config"]["configuration"]["value"] = json.dumps(plugin)
+        before = dynamic.ecds_counters(envoy)
+        dynamic.write_extension_config(tmp_path, typed_config, "2")
+        verdict, took = dynamic.wait_ecds(envoy, before)
+        updated_at = time.monotonic()
+        print(f"\nECDS update accepted {took * 1000:.0f} ms after the rename")
+        assert verdict == "accepted"
+        # The same keep-alive connection: the new config on its very next call, not closed.
+        assert keep_alive_call(keep, NEW_KEY) == (200, None)
+        assert keep_alive_call(keep, KEYS["bob"]) == (401, None)
+        assert gw.call("GET", "/v1/agents", key=NEW_KEY).status == 200
+        assert "listener_manager.listener_in_place_updated: 0" in envoy.admin("/stats?filter=in_place")
+
+        bad = json.loads(json.dumps(typed_config))
+        bad["config"]["configuration"]["value"] = BAD_PLUGIN
+        before = dynamic.ecds_counters(envoy)
+        dynamic.write_extension_config(tmp_path, bad, "3")
+        verdict, _ = dynamic.wait_ecds(envoy, before)
+        assert verdict == "rejected"
+        assert BAD_PLUGIN_ERROR in envoy.log()
+        assert keep_alive_call(keep, NEW_KEY) == (200, None)
+
+        stream.wait(lambda s: "session.status_idle" in s.names(), 30, "the turn to end on the stream")
+        assert stream.count("agent.message") == TICKS
+        assert any(at > updated_at for at, name in stream.events if name == "agent.message")
+        assert stream.ended_at is None
+        truth = emulator.usage(sid)
+        assert tokens(gw)["output"] == truth["output_tokens"]
+    finally:
+        for conn in (stream, keep):
+            if conn:
+                conn.close()
+        envoy.stop()

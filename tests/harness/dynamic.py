@@ -152,3 +152,60 @@ class DynamicEnvoy:
 
     def stop(self):
         self.envoy.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# ECDS: the Wasm filter's config alone from a watched file (no listener change, no drain)
+# ---------------------------------------------------------------------------------------------
+
+EXTENSION_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+
+
+def to_ecds(config: dict, ecds_dir: Path) -> dict:
+    """A rendered envoy.yaml (stack.render_envoy_config) whose `ma_gateway` HTTP filter is
+    fetched by ECDS from `ecds_dir/ma_gateway.yaml` instead of being inline. Returns the
+    filter's typed_config (written as version 1)."""
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    index = next(i for i, f in enumerate(hcm["http_filters"]) if f["name"] == "ma_gateway")
+    typed_config = hcm["http_filters"][index]["typed_config"]
+    hcm["http_filters"][index] = {"name": "ma_gateway", "config_discovery": {
+        "config_source": {"resource_api_version": "V3", "path_config_source": {
+            "path": str(ecds_dir / "ma_gateway.yaml"), "watched_directory": {"path": str(ecds_dir)}}},
+        "type_urls": [WASM_FILTER_TYPE],
+    }}
+    config.setdefault("node", {"id": "ma-gateway", "cluster": "ma-gateway"})
+    write_extension_config(ecds_dir, typed_config, "1")
+    return typed_config
+
+
+def write_extension_config(ecds_dir: Path, typed_config: dict, version: str):
+    """Atomically replaces the watched ECDS file."""
+    doc = {"version_info": version, "resources": [
+        {"@type": EXTENSION_TYPE, "name": "ma_gateway", "typed_config": typed_config}]}
+    staged = ecds_dir / f".ma_gateway.yaml.{version}"
+    staged.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(staged, ecds_dir / "ma_gateway.yaml")
+
+
+def ecds_counters(envoy: stack.Envoy, name: str = "ma_gateway") -> dict[str, int]:
+    prefix = f"extension_config_discovery.http_filter.{name}."
+    out = {}
+    for line in envoy.admin(f"/stats?filter=^{prefix}").splitlines():
+        key, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[key.removeprefix(prefix)] = int(value)
+    return out
+
+
+def wait_ecds(envoy: stack.Envoy, before: dict[str, int], timeout: float = 30) -> tuple[str, float]:
+    """Waits until an ECDS push after `before` was accepted or rejected."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        now = ecds_counters(envoy)
+        if now.get("update_success", 0) > before.get("update_success", 0):
+            return "accepted", time.monotonic() - started
+        if now.get("update_rejected", 0) > before.get("update_rejected", 0):
+            return "rejected", time.monotonic() - started
+        time.sleep(0.02)
+    raise TimeoutError(f"ECDS update neither accepted nor rejected in {timeout}s: {ecds_counters(envoy)}")
