@@ -336,6 +336,33 @@ def test_shipped_policy_fails_closed_then_reloads(emulator, fault_wasm):
         gw.envoy.stop()
 
 
+def test_a_stream_slot_held_by_a_panicked_vm_stays_taken(emulator, fault_wasm):
+    """The documented leak (src/limits.rs, open_stream), measured: a stream cut by a VM panic
+    never runs on_log, so its concurrent-stream slot stays taken until Envoy restarts."""
+    gw = start(emulator, fault_wasm, plugin_overrides={"limits": {"per_principal": {"concurrent_streams": 1}}})
+    stream = None
+    try:
+        sid = new_session(gw)
+        stream = Stream(gw, f"/v1/sessions/{sid}/events/stream")
+        assert stream.resp.status == 200
+        second = gw.call("GET", f"/v1/sessions/{sid}/events/stream", timeout=10)
+        assert second.status == 429  # the limit works: alice has one stream open
+        send_text(gw, sid, "emulator:ticker 3")
+        stream.wait(lambda s: s.count("agent.message") >= 1, 20, "a tick")
+        panicked, _, _ = panic_now(gw)
+        assert panicked.status == 503
+        stream.wait(lambda s: s.ended_at is not None, 20, "the stream to be cut")
+        wait_recovered(gw)
+        after = gw.call("GET", f"/v1/sessions/{sid}/events/stream", timeout=10)
+        print(f"\nalice's next stream after the panic: {after.status} {after.body[:120]!r}")
+        assert after.status == 429, "the slot was released (the leak is fixed: update the docs)"
+        assert after.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        if stream:
+            stream.close()
+        gw.envoy.stop()
+
+
 def test_a_background_service_panic_stops_it_until_restart(emulator, fault_wasm):
     """The singleton (reconciler, Vault refresh) is not reloaded: measured, not desired."""
     gw = start(emulator, fault_wasm, plugin_overrides={"metering": {"reconcile_interval_secs": 1}})
