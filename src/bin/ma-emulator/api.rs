@@ -7,6 +7,19 @@
 //! [`vaults`] or [`sessions`]. `/_emulator/...` holds the unauthenticated test hooks
 //! (request log, usage ground truth, health, fault injection). Errors use the API's
 //! envelope `{"type":"error","error":{"type","message"},"request_id"}`.
+//!
+//! Request-level faults (`POST /_emulator/faults`, see [`add_fault`]), each consumed by the
+//! next `count` matching `/v1` requests after the key and version checks:
+//!
+//! - `status`: that status with the envelope (500 `api_error`, 529 `overloaded_error`, …);
+//! - `reset`: the connection is closed without an answer;
+//! - `hang`: no answer for `hold_ms`, then the connection is closed;
+//! - `hang_headers`: a 200 head (event stream on stream paths), then no body for `hold_ms`;
+//! - `truncated`: the real answer, cut after half its body under the full `Content-Length`;
+//! - `truncated_json`: the real answer's first half as a complete response (broken JSON).
+//!
+//! Held connections end early when the client leaves. Faults in the middle of an event
+//! stream are scripted turns instead (`emulator:fault …`, see [`crate::script`]).
 
 mod agents;
 mod environments;
@@ -15,11 +28,11 @@ mod vaults;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::http::{self, Query, Reply, Request, Response};
+use crate::http::{self, Misbehave, Query, Reply, Request, Response};
 use crate::page::{paginate, Cursor, Order, Page, PageParams};
 use crate::store::{merge_metadata, Rec, Store};
 use crate::util::{now_rfc3339, IdGen};
@@ -80,7 +93,7 @@ impl App {
     }
 
     /// Consumes one matching injected fault, if any.
-    fn take_fault(&self, req: &Request) -> Option<ApiError> {
+    fn take_fault(&self, req: &Request) -> Option<Fault> {
         let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
         let pos = faults.iter().position(|f| {
             req.path.starts_with(&f.path_prefix)
@@ -90,39 +103,129 @@ impl App {
         })?;
         let fault = &mut faults[pos];
         fault.remaining -= 1;
-        let err = ApiError {
-            status: fault.status,
-            message: fault.message.clone(),
-            retry_after: fault.retry_after,
-        };
+        let taken = fault.clone();
         if fault.remaining == 0 {
             faults.remove(pos);
         }
-        Some(err)
+        Some(taken)
     }
 }
 
-/// An error injected with `POST /_emulator/faults`.
+/// What an injected fault does to a matching request (`kind` in `POST /_emulator/faults`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    /// Answer `status` with the API's error envelope (`overloaded_error` for 529).
+    Status,
+    /// Close the connection without answering.
+    Reset,
+    /// Answer nothing for `hold_ms` (or until the client leaves), then close.
+    Hang,
+    /// Send a 200 head (`text/event-stream` on stream paths, JSON otherwise; body chunked)
+    /// and then nothing for `hold_ms` (or until the client leaves), then close.
+    HangHeaders,
+    /// Handle the request normally, then send only the first half of the response body
+    /// under the full `Content-Length` and close (the connection breaks mid-body).
+    Truncated,
+    /// Handle the request normally, then send the first half of the body as a complete,
+    /// well-framed response: valid HTTP carrying truncated JSON.
+    TruncatedJson,
+}
+
+impl FaultKind {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "status" => Self::Status,
+            "reset" => Self::Reset,
+            "hang" => Self::Hang,
+            "hang_headers" => Self::HangHeaders,
+            "truncated" => Self::Truncated,
+            "truncated_json" => Self::TruncatedJson,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Reset => "reset",
+            Self::Hang => "hang",
+            Self::HangHeaders => "hang_headers",
+            Self::Truncated => "truncated",
+            Self::TruncatedJson => "truncated_json",
+        }
+    }
+}
+
+/// Default and largest `hold_ms` of a hanging fault (a held connection is one thread).
+const DEFAULT_HOLD_MS: u64 = 30_000;
+const MAX_HOLD_MS: u64 = 600_000;
+
+/// A fault injected with `POST /_emulator/faults`.
 #[derive(Debug, Clone)]
 struct Fault {
+    kind: FaultKind,
     status: u16,
     remaining: u64,
     path_prefix: String,
     method: Option<String>,
     retry_after: Option<u64>,
     message: String,
+    hold_ms: u64,
 }
 
 impl Fault {
     fn to_json(&self) -> Value {
         json!({
+            "kind": self.kind.name(),
             "status": self.status,
             "count": self.remaining,
             "path_prefix": self.path_prefix,
             "method": self.method,
             "retry_after": self.retry_after,
             "message": self.message,
+            "hold_ms": self.hold_ms,
         })
+    }
+
+    /// How this fault answers `req`, whose normal handling is `handle`.
+    fn apply(&self, req: &Request, handle: impl FnOnce() -> ApiResult) -> ApiResult {
+        let hold = Duration::from_millis(self.hold_ms);
+        match self.kind {
+            FaultKind::Status => Err(ApiError {
+                status: self.status,
+                message: self.message.clone(),
+                retry_after: self.retry_after,
+            }),
+            FaultKind::Reset => Ok(Reply::Fault(Misbehave::Close)),
+            FaultKind::Hang => Ok(Reply::Fault(Misbehave::Hang(hold))),
+            FaultKind::HangHeaders => {
+                let stream = req.path.ends_with("/stream");
+                let content_type = if stream {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                };
+                Ok(Reply::Fault(Misbehave::HeadThenHang {
+                    status: 200,
+                    headers: vec![("content-type".into(), content_type.into())],
+                    hold,
+                }))
+            }
+            FaultKind::Truncated | FaultKind::TruncatedJson => {
+                let mut resp = match handle() {
+                    Ok(Reply::Full(resp)) => resp,
+                    Err(e) => e.into_response("req_fault"),
+                    // Streams are cut with `emulator:fault` turns instead.
+                    Ok(other) => return Ok(other),
+                };
+                let keep = resp.body.len() / 2;
+                if self.kind == FaultKind::Truncated {
+                    return Ok(Reply::Fault(Misbehave::Truncate { resp, keep }));
+                }
+                resp.body.truncate(keep);
+                Ok(Reply::Full(resp))
+            }
+        }
     }
 }
 
@@ -221,7 +324,9 @@ impl http::Handler for Server {
                 started.elapsed().as_micros()
             );
         }
-        reply.headers_mut().push(("request-id".into(), request_id));
+        if let Some(headers) = reply.headers_mut() {
+            headers.push(("request-id".into(), request_id));
+        }
         reply
     }
 
@@ -241,10 +346,10 @@ fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult {
             app.record(req);
             check_auth(app, req)?;
             check_versions(req)?;
-            if let Some(err) = app.take_fault(req) {
-                return Err(err);
+            match app.take_fault(req) {
+                Some(fault) => fault.apply(req, || v1(app, req, &segments)),
+                None => v1(app, req, &segments),
             }
-            v1(app, req, &segments)
         }
         _ => {
             app.record(req);
@@ -423,18 +528,34 @@ fn private(app: &App, req: &Request, segments: &[&str]) -> ApiResult {
     }
 }
 
-/// `POST /_emulator/faults` `{"status":429,"count":1,"path_prefix":"/v1/","method":null,
-/// "retry_after":1,"message":"..."}`: the next `count` matching `/v1` requests (after the
-/// auth checks) fail with that status.
+/// `POST /_emulator/faults` `{"kind":"status","status":429,"count":1,"path_prefix":"/v1/",
+/// "method":null,"retry_after":1,"message":"...","hold_ms":30000}`: the next `count`
+/// matching `/v1` requests (after the auth checks) get the fault. `kind` (default `status`)
+/// is one of [`FaultKind`]: `status` needs `status` in 400..=599 (529 answers the API's
+/// `overloaded_error` envelope); `reset`, `hang` and `hang_headers` misbehave on the
+/// connection (`hold_ms`, default 30000, at most 600000); `truncated` and `truncated_json`
+/// cut the normal answer's body in half (broken framing, resp. well-framed broken JSON).
 fn add_fault(app: &App, req: &Request) -> ApiResult {
     let body = body_object(req)?;
-    let status = body
-        .get("status")
-        .and_then(Value::as_u64)
-        .and_then(|s| u16::try_from(s).ok())
-        .filter(|s| (400..=599).contains(s))
-        .ok_or_else(|| ApiError::bad_request("status: must be an integer in 400..=599"))?;
+    let kind = match body.get("kind") {
+        None | Some(Value::Null) => FaultKind::Status,
+        Some(v) => v.as_str().and_then(FaultKind::parse).ok_or_else(|| {
+            ApiError::bad_request(
+                "kind: one of status, reset, hang, hang_headers, truncated, truncated_json",
+            )
+        })?,
+    };
+    let status = if kind == FaultKind::Status || body.contains_key("status") {
+        body.get("status")
+            .and_then(Value::as_u64)
+            .and_then(|s| u16::try_from(s).ok())
+            .filter(|s| (400..=599).contains(s))
+            .ok_or_else(|| ApiError::bad_request("status: must be an integer in 400..=599"))?
+    } else {
+        0
+    };
     let fault = Fault {
+        kind,
         status,
         remaining: body
             .get("count")
@@ -456,6 +577,11 @@ fn add_fault(app: &App, req: &Request) -> ApiResult {
             .and_then(Value::as_str)
             .unwrap_or("injected fault")
             .to_string(),
+        hold_ms: body
+            .get("hold_ms")
+            .and_then(Value::as_u64)
+            .unwrap_or(DEFAULT_HOLD_MS)
+            .min(MAX_HOLD_MS),
     };
     let mut faults = app.faults.lock().unwrap_or_else(|e| e.into_inner());
     faults.push(fault);

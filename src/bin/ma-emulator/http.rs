@@ -5,6 +5,10 @@
 //! `Transfer-Encoding: chunked`, `Expect: 100-continue`, full responses with
 //! `Content-Length`, and streamed responses with `Transfer-Encoding: chunked` where every
 //! chunk is flushed as soon as it is written (server-sent events).
+//!
+//! For fault injection a handler may answer [`Reply::Fault`] instead of a response: the
+//! connection then misbehaves on purpose ([`Misbehave`]: closed unanswered, held silent,
+//! a head and then silence, or a body cut short of its `Content-Length`) and is closed.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -350,10 +354,30 @@ pub struct StreamReply {
     pub body: StreamBody,
 }
 
+/// A deliberate misbehaviour of the connection (fault injection); it is always closed after.
+#[derive(Debug, Clone)]
+pub enum Misbehave {
+    /// Close the connection without answering.
+    Close,
+    /// Send nothing for this long (or until the peer closes), then close.
+    Hang(Duration),
+    /// Send this status and these headers (a body is announced, chunked), then nothing for
+    /// `hold` (or until the peer closes), then close: the body never comes.
+    HeadThenHang {
+        status: u16,
+        headers: Vec<(String, String)>,
+        hold: Duration,
+    },
+    /// Send `resp` with the `Content-Length` of its full body but only its first `keep`
+    /// bytes, then close.
+    Truncate { resp: Response, keep: usize },
+}
+
 /// What a handler answers.
 pub enum Reply {
     Full(Response),
     Stream(StreamReply),
+    Fault(Misbehave),
 }
 
 impl Reply {
@@ -361,13 +385,20 @@ impl Reply {
         match self {
             Self::Full(r) => r.status,
             Self::Stream(s) => s.status,
+            Self::Fault(Misbehave::HeadThenHang { status, .. }) => *status,
+            Self::Fault(Misbehave::Truncate { resp, .. }) => resp.status,
+            Self::Fault(_) => 0,
         }
     }
 
-    pub fn headers_mut(&mut self) -> &mut Vec<(String, String)> {
+    /// The headers to be sent; `None` when the reply sends no head at all.
+    pub fn headers_mut(&mut self) -> Option<&mut Vec<(String, String)>> {
         match self {
-            Self::Full(r) => &mut r.headers,
-            Self::Stream(s) => &mut s.headers,
+            Self::Full(r) => Some(&mut r.headers),
+            Self::Stream(s) => Some(&mut s.headers),
+            Self::Fault(Misbehave::HeadThenHang { headers, .. }) => Some(headers),
+            Self::Fault(Misbehave::Truncate { resp, .. }) => Some(&mut resp.headers),
+            Self::Fault(Misbehave::Close | Misbehave::Hang(_)) => None,
         }
     }
 }
@@ -469,6 +500,10 @@ fn handle_connection<H: Handler>(stream: TcpStream, handler: &H) {
                     return;
                 }
             }
+            Reply::Fault(fault) => {
+                misbehave(&mut writer, reader.get_mut(), &fault);
+                return;
+            }
             Reply::Stream(stream) => {
                 if write_stream_head(&mut writer, stream.status, &stream.headers, keep_alive)
                     .is_err()
@@ -483,6 +518,66 @@ fn handle_connection<H: Handler>(stream: TcpStream, handler: &H) {
             }
         }
     }
+}
+
+/// Carries out a [`Misbehave`] on a connection; the caller closes it afterwards.
+fn misbehave<W: Write>(w: &mut W, peer: &mut TcpStream, fault: &Misbehave) {
+    match fault {
+        Misbehave::Close => {}
+        Misbehave::Hang(hold) => hold_silent(peer, *hold),
+        Misbehave::HeadThenHang {
+            status,
+            headers,
+            hold,
+        } => {
+            if write_stream_head(w, *status, headers, false).is_ok() {
+                hold_silent(peer, *hold);
+            }
+        }
+        Misbehave::Truncate { resp, keep } => {
+            let _ = write_truncated(w, resp, *keep);
+        }
+    }
+}
+
+/// Sends nothing for `hold`, returning early when the peer closes the connection (anything
+/// it sends meanwhile is discarded), so a held connection never outlives its client.
+fn hold_silent(peer: &mut TcpStream, hold: Duration) {
+    let deadline = std::time::Instant::now() + hold;
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        // A zero read timeout means "block forever" to std: never pass one.
+        let _ = peer.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        match peer.read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes `resp` announcing its full `Content-Length` but only the first `keep` bytes of
+/// its body (`Connection: close`).
+pub fn write_truncated<W: Write>(w: &mut W, resp: &Response, keep: usize) -> io::Result<()> {
+    let mut out = status_line(resp.status);
+    for (name, value) in &resp.headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!("content-length: {}\r\n", resp.body.len()));
+    out.push_str("connection: close\r\n\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&resp.body[..keep.min(resp.body.len())]);
+    w.write_all(&bytes)?;
+    w.flush()
 }
 
 /// Serializes a full response with `Content-Length` in a single write.
@@ -644,6 +739,46 @@ mod tests {
         huge.extend(std::iter::repeat_n(b'a', MAX_HEADER_BYTES));
         huge.extend_from_slice(b"\r\n\r\n");
         assert!(matches!(parse(&huge).0, Err(ReadError::TooLarge(_))));
+    }
+
+    #[test]
+    fn truncated_responses_announce_the_full_length() {
+        let resp = Response {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: br#"{"id":"agent_1"}"#.to_vec(),
+        };
+        let mut out = Vec::new();
+        write_truncated(&mut out, &resp, 6).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 16\r\nconnection: close\r\n\r\n{\"id\":"
+        );
+        let mut out = Vec::new();
+        write_truncated(&mut out, &resp, 99).unwrap();
+        assert!(out.ends_with(br#"{"id":"agent_1"}"#));
+    }
+
+    #[test]
+    fn held_connections_end_when_the_peer_leaves_or_the_hold_expires() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let conn = TcpStream::connect(addr).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            drop(conn);
+        });
+        let (mut peer, _) = listener.accept().unwrap();
+        let began = std::time::Instant::now();
+        hold_silent(&mut peer, Duration::from_secs(30));
+        assert!(began.elapsed() < Duration::from_secs(10));
+        client.join().unwrap();
+
+        let _conn = TcpStream::connect(addr).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let began = std::time::Instant::now();
+        hold_silent(&mut peer, Duration::from_millis(100));
+        assert!(began.elapsed() >= Duration::from_millis(100));
     }
 
     #[test]

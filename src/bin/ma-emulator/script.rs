@@ -41,6 +41,40 @@
 //!   event (~30 MB at N = 10000);
 //! - streams that asked for `agent.message` previews get an `event_start` (no deltas,
 //!   which the API documents as best-effort) before each large event.
+//!
+//! `emulator:fault KIND [ARG]` is a fault-injection turn for gateway tests. It first runs
+//! one ordinary model request, delivered in full (`span.model_request_start`,
+//! `agent.message` "Echo: …", `span.model_request_end`, recorded in the ground truth), so
+//! usage seen before the fault is known exactly; then, on every stream open on the session:
+//!
+//! - `reset`: the connection is dropped mid-body, without the chunked terminator, as an
+//!   upstream reset does. The rest of the turn (`session.usage`, `session.status_idle`) goes
+//!   to the history only;
+//! - `hang [S]` (S ≤ 600, default 30): nothing more is written, not even heartbeats, for S
+//!   seconds; then the connection is dropped as by `reset`. The rest of the turn goes to the
+//!   history only;
+//! - `malformed`: [`MALFORMED_SSE`] is written as is: lines without a colon, names without
+//!   data, data without names, data that is not JSON or not an object, usage fields of the
+//!   wrong type, sign or presence, `id:`/`retry:` fields, CRLF and bare-CR line ends,
+//!   multi-line data, comments. None of it is an event of the API, none carries valid
+//!   usage, none is kept in the history;
+//! - `badutf8`: [`bad_utf8_frames`]: an `agent.message` and an unnamed frame whose data hold
+//!   invalid UTF-8 (lone continuation bytes, overlong encodings, surrogates, 0xFF), and an
+//!   event *name* with invalid UTF-8. Not kept in the history;
+//! - `hugeline [M]` (M MiB, ≤ 64, default 8): a comment line of M MiB, an `agent.message`
+//!   whose one data line is M MiB (valid JSON; the history keeps it truncated like
+//!   `emulator:large`), then a second model request whose `span.model_request_end` carries
+//!   an M MiB `padding` string beside valid `model_usage` (recorded in the ground truth: a
+//!   gateway that cannot hold so large an event must still reach the truth from the
+//!   `session.usage` snapshot that follows). Each frame waits for the streams' backlogs
+//!   like `emulator:large`;
+//! - `truncated`: a second model request whose `span.model_request_end` frame is cut in the
+//!   middle of its JSON (`{…,"model_usage":{"` and five more characters, then the blank
+//!   line). Its usage
+//!   is recorded in the ground truth and the history keeps the complete event, so only
+//!   the `session.usage` snapshot that follows lets a gateway reach the truth.
+//!
+//! Then `session.usage` and `session.status_idle` as in every turn.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -73,6 +107,34 @@ pub const LARGE_BACKLOG_BYTES: usize = 8 << 20;
 /// detached from the session (its response ends after what was already queued).
 pub const LARGE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const FILLER: &str = "lorem ipsum ";
+const FAULT_PREFIX: &str = "emulator:fault";
+/// Upper bound on S of `emulator:fault hang S`.
+pub const MAX_HANG_SECS: u64 = 600;
+const DEFAULT_HANG_SECS: u64 = 30;
+/// Upper bound on M of `emulator:fault hugeline M`.
+pub const MAX_HUGELINE_MIB: u32 = 64;
+const DEFAULT_HUGELINE_MIB: u32 = 8;
+
+/// What `emulator:fault malformed` writes: bytes that are not events of the API. None
+/// carries valid usage, so a correct gateway meters none of it.
+pub const MALFORMED_SSE: &[u8] = b"this line has no colon\n\n\
+event: agent.message\n\n\
+data: {\"type\":\"agent.message\",\"content\":[]}\n\n\
+event: agent.message\ndata: this is not json {\n\n\
+event: span.model_request_end\ndata: [1,2,3]\n\n\
+event: span.model_request_end\ndata: {\"type\":\"span.model_request_end\",\"id\":\"sevt_malformed1\",\"model_usage\":{\"input_tokens\":\"many\",\"output_tokens\":1,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0}}\n\n\
+event: span.model_request_end\ndata: {\"type\":\"span.model_request_end\",\"id\":\"sevt_malformed2\",\"model_usage\":{\"input_tokens\":-5,\"output_tokens\":1,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0}}\n\n\
+event: span.model_request_end\ndata: {\"type\":\"span.model_request_end\",\"id\":\"sevt_malformed3\",\"model_usage\":{\"input_tokens\":1.5,\"output_tokens\":1,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0}}\n\n\
+event: span.model_request_end\ndata: {\"type\":\"span.model_request_end\",\"id\":\"sevt_malformed4\",\"model_usage\":{\"input_tokens\":7}}\n\n\
+event: session.usage\ndata: {\"type\":\"session.usage\",\"usage\":\"lots\"}\n\n\
+id: 7\nretry: 1000\nevent: agent.message\r\ndata: {\"type\":\"agent.message\",\"content\":[]}\r\n\r\n\
+event: agent.message\rdata: {\"type\":\"agent.message\",\"content\":[]}\r\r\
+event: agent.message\ndata: {\"type\":\ndata: \"agent.message\",\"content\":[]}\n\n\
+: a comment line\n\
+event:\ndata:\n\n\
+event: \x00nul.in.name\ndata: {}\n\n\
+\n\n\n";
+
 /// Stands for the text while a large frame's JSON is serialized (cannot occur elsewhere in
 /// it: ids are base62, timestamps digits and punctuation).
 const TEXT_PLACEHOLDER: &str = "@@ma-emulator-large-text@@";
@@ -118,6 +180,56 @@ pub fn model_usage(text: &str, turn_index: u64, request_index: u64) -> ModelUsag
     }
 }
 
+/// Which fault an `emulator:fault` turn injects after its first model request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultTurn {
+    Reset,
+    /// Silence for this many seconds, then a reset.
+    Hang(u64),
+    Malformed,
+    BadUtf8,
+    /// Lines of this many MiB.
+    HugeLine(u32),
+    Truncated,
+}
+
+/// `emulator:fault KIND [ARG]` → the fault (unknown kinds: `None`, an ordinary reply).
+pub fn fault_turn(text: &str) -> Option<FaultTurn> {
+    let rest = text.trim_start().strip_prefix(FAULT_PREFIX)?;
+    if !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let mut words = rest.split_whitespace();
+    let kind = words.next()?;
+    let arg = words.next().and_then(|w| w.parse::<u64>().ok());
+    Some(match kind {
+        "reset" => FaultTurn::Reset,
+        "hang" => FaultTurn::Hang(arg.unwrap_or(DEFAULT_HANG_SECS).min(MAX_HANG_SECS)),
+        "malformed" => FaultTurn::Malformed,
+        "badutf8" => FaultTurn::BadUtf8,
+        "hugeline" => {
+            FaultTurn::HugeLine(arg.map_or(DEFAULT_HUGELINE_MIB, |m| clamp(m, MAX_HUGELINE_MIB)))
+        }
+        "truncated" => FaultTurn::Truncated,
+        _ => return None,
+    })
+}
+
+/// The frames of `emulator:fault badutf8`: invalid UTF-8 in data and in an event name.
+pub fn bad_utf8_frames() -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(b"event: agent.message\ndata: {\"type\":\"agent.message\",\"content\":[{\"type\":\"text\",\"text\":\"");
+    // Lone continuation byte, overlong '/', a UTF-16 surrogate, 0xFF, a truncated 3-byte
+    // sequence.
+    out.extend_from_slice(b"\x80 \xc0\xaf \xed\xa0\x80 \xff \xe2\x82");
+    out.extend_from_slice(b"\"}]}\n\n");
+    out.extend_from_slice(
+        b"data: {\"type\":\"span.model_request_end\",\"id\":\"sevt_\xff\xfe\"}\n\n",
+    );
+    out.extend_from_slice(b"event: span.model_request_end\xff\xfe\ndata: {\"x\":\"\xc3\"}\n\n");
+    out
+}
+
 /// What a user message makes the agent do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TurnKind {
@@ -127,6 +239,8 @@ pub enum TurnKind {
     Ticker(u32),
     /// Emit `events` messages of `kib` KiB each, back to back.
     Large { events: u32, kib: u32 },
+    /// One ordinary model request, then a fault on the streams.
+    Fault(FaultTurn),
 }
 
 /// Chooses the script for a user message.
@@ -136,6 +250,9 @@ pub fn classify(text: &str) -> TurnKind {
     }
     if let Some((events, kib)) = large_args(text) {
         return TurnKind::Large { events, kib };
+    }
+    if let Some(fault) = fault_turn(text) {
+        return TurnKind::Fault(fault);
     }
     TurnKind::Reply {
         tool: mentions_tool(text),
@@ -339,6 +456,7 @@ impl Turn<'_> {
             TurnKind::Ticker(n) => self.ticker(&turn.text, index, n)?,
             TurnKind::Reply { tool } => self.reply(&turn.text, index, tool)?,
             TurnKind::Large { events, kib } => self.large(&turn.text, index, events, kib)?,
+            TurnKind::Fault(fault) => self.fault(&turn.text, index, fault)?,
         }
         self.pause();
         self.with_store(|s| {
@@ -409,6 +527,119 @@ impl Turn<'_> {
             self.large_message(&body, &kept)?;
         }
         self.end_request(&start_id, model_usage(text, index, 0))
+    }
+
+    fn fault(&self, text: &str, index: u64, fault: FaultTurn) -> Result<(), Gone> {
+        let sid = self.session_id;
+        self.reply(text, index, false)?;
+        self.pause();
+        let on_streams = |f: &dyn Fn(&mut sse::Broadcaster)| {
+            self.with_store(|s| s.sessions.get_mut(sid).map(|x| f(&mut x.broadcaster)))
+        };
+        match fault {
+            FaultTurn::Reset => on_streams(&|b| b.fail(&sse::Frame::Abort)),
+            FaultTurn::Hang(secs) => {
+                on_streams(&|b| b.fail(&sse::Frame::Hang(Duration::from_secs(secs))))
+            }
+            FaultTurn::Malformed => {
+                let raw = Arc::new(MALFORMED_SSE.to_vec());
+                on_streams(&|b| b.publish_raw(&raw))
+            }
+            FaultTurn::BadUtf8 => {
+                let raw = Arc::new(bad_utf8_frames());
+                on_streams(&|b| b.publish_raw(&raw))
+            }
+            FaultTurn::HugeLine(mib) => self.huge_lines(text, index, mib),
+            FaultTurn::Truncated => self.truncated_span(text, index),
+        }
+    }
+
+    /// `emulator:fault hugeline M`: see the module doc.
+    fn huge_lines(&self, text: &str, index: u64, mib: u32) -> Result<(), Gone> {
+        let sid = self.session_id;
+        let bytes = usize::try_from(mib).unwrap_or(0) << 20;
+        let body = filler(bytes);
+        let mut comment = Vec::with_capacity(bytes + 4);
+        comment.extend_from_slice(b": ");
+        comment.extend_from_slice(body.as_bytes());
+        comment.extend_from_slice(b"\n\n");
+        let comment = Arc::new(comment);
+        if self.await_streams()? {
+            self.with_store(|s| {
+                s.sessions
+                    .get_mut(sid)
+                    .map(|x| x.broadcaster.publish_raw(&comment))
+            })?;
+        }
+        drop(comment);
+        if self.await_streams()? {
+            self.large_message(&body, &history_text(&body))?;
+        }
+        let start_id = self.start_request()?;
+        if !self.await_streams()? {
+            return self.end_request(&start_id, model_usage(text, index, 1));
+        }
+        let usage = model_usage(text, index, 1);
+        self.pause();
+        self.with_store(|s| {
+            let id = s.id("sevt_");
+            let now = now_rfc3339();
+            let event = json!({
+                "id": id,
+                "type": "span.model_request_end",
+                "model_request_start_id": start_id,
+                "is_error": false,
+                "model_usage": usage.to_json(),
+                "created_at": now,
+                "processed_at": now,
+            });
+            let mut streamed = event.clone();
+            streamed["padding"] = json!(TEXT_PLACEHOLDER);
+            let json = streamed.to_string().replace(TEXT_PLACEHOLDER, &body);
+            let frame = Arc::new(sse::format_frame("span.model_request_end", &json));
+            s.emit_with_frame(sid, event, &frame)?;
+            s.truth.entry(sid.to_string()).or_default().record(
+                &id,
+                &usage,
+                ACTIVE_SECONDS_PER_REQUEST,
+            );
+            Some(())
+        })
+    }
+
+    /// `emulator:fault truncated`: see the module doc.
+    fn truncated_span(&self, text: &str, index: u64) -> Result<(), Gone> {
+        let sid = self.session_id;
+        let start_id = self.start_request()?;
+        let usage = model_usage(text, index, 1);
+        self.pause();
+        self.with_store(|s| {
+            let id = s.id("sevt_");
+            let now = now_rfc3339();
+            let event = json!({
+                "id": id,
+                "type": "span.model_request_end",
+                "model_request_start_id": start_id,
+                "is_error": false,
+                "model_usage": usage.to_json(),
+                "created_at": now,
+                "processed_at": now,
+            });
+            let json = event.to_string();
+            // `…"model_usage":{"` and five more characters: cut inside the usage object.
+            const USAGE_KEY: &str = "\"model_usage\":{\"";
+            let cut = json
+                .find(USAGE_KEY)
+                .map_or(json.len() / 2, |at| at + USAGE_KEY.len() + 5);
+            let frame = Arc::new(sse::format_frame("span.model_request_end", &json[..cut]));
+            s.emit_with_frame(sid, event, &frame)?;
+            s.truth.entry(sid.to_string()).or_default().record(
+                &id,
+                &usage,
+                ACTIVE_SECONDS_PER_REQUEST,
+            );
+            Some(())
+        })
     }
 
     /// Blocks until every open stream has at most [`LARGE_BACKLOG_BYTES`] queued; false
@@ -553,6 +784,80 @@ mod tests {
         assert_eq!(b.cache_creation_input_tokens, 0);
         assert_eq!(b.cache_read_input_tokens, 1100);
         assert_eq!(model_usage("x", 0, 1).cache_creation_input_tokens, 0);
+    }
+
+    #[test]
+    fn fault_turns_parse_and_clamp() {
+        assert_eq!(fault_turn("emulator:fault reset"), Some(FaultTurn::Reset));
+        assert_eq!(fault_turn("emulator:fault hang"), Some(FaultTurn::Hang(30)));
+        assert_eq!(
+            fault_turn("emulator:fault hang 5"),
+            Some(FaultTurn::Hang(5))
+        );
+        assert_eq!(
+            fault_turn("emulator:fault hang 99999"),
+            Some(FaultTurn::Hang(MAX_HANG_SECS))
+        );
+        assert_eq!(
+            fault_turn("emulator:fault hugeline"),
+            Some(FaultTurn::HugeLine(8))
+        );
+        assert_eq!(
+            fault_turn("emulator:fault hugeline 1000"),
+            Some(FaultTurn::HugeLine(MAX_HUGELINE_MIB))
+        );
+        assert_eq!(
+            fault_turn("emulator:fault malformed"),
+            Some(FaultTurn::Malformed)
+        );
+        assert_eq!(
+            fault_turn("emulator:fault badutf8"),
+            Some(FaultTurn::BadUtf8)
+        );
+        assert_eq!(
+            fault_turn("emulator:fault truncated"),
+            Some(FaultTurn::Truncated)
+        );
+        assert_eq!(fault_turn("emulator:fault bogus"), None);
+        assert_eq!(fault_turn("emulator:faultreset"), None);
+        assert_eq!(
+            classify("emulator:fault reset"),
+            TurnKind::Fault(FaultTurn::Reset)
+        );
+        assert_eq!(
+            classify("emulator:fault bogus"),
+            TurnKind::Reply { tool: false }
+        );
+    }
+
+    #[test]
+    fn malformed_frames_carry_no_valid_usage() {
+        assert!(std::str::from_utf8(&bad_utf8_frames()).is_err());
+        assert!(std::str::from_utf8(MALFORMED_SSE).is_ok());
+        // Every data line that parses as JSON with a usage object has an invalid one.
+        let text = std::str::from_utf8(MALFORMED_SSE).unwrap();
+        for line in text.split(['\n', '\r']) {
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            let Ok(value) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            if let Some(usage) = value.get("model_usage") {
+                let fields = [
+                    "input_tokens",
+                    "output_tokens",
+                    "cache_creation_input_tokens",
+                    "cache_read_input_tokens",
+                ];
+                assert!(
+                    !fields
+                        .iter()
+                        .all(|f| usage.get(f).is_some_and(Value::is_u64)),
+                    "{line}"
+                );
+            }
+        }
     }
 
     #[test]

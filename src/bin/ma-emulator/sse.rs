@@ -15,6 +15,12 @@
 //! its pump writes what was already queued and then ends the response (the socket write
 //! timeout alone would take minutes, as the kernel keeps accepting trickles of data).
 //! Frames are reference-counted, so a frame sent to several streams is held in memory once.
+//!
+//! Fault injection (the `emulator:fault` turns of [`crate::script`]) adds three items: raw
+//! bytes that need not be UTF-8 or well-formed SSE ([`Frame::Raw`]), an abort that ends the
+//! connection mid-body without the chunked terminator, as a reset upstream does
+//! ([`Frame::Abort`]), and a hang: nothing more, not even heartbeats, for a while, then the
+//! same abort ([`Frame::Hang`]). After an abort or a hang the stream gets no further frames.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -30,8 +36,14 @@ use crate::http::ChunkedWriter;
 pub enum Frame {
     /// A fully formatted SSE frame (shared by every stream it was sent to).
     Data(Arc<String>),
+    /// Bytes written as they are (fault injection: invalid UTF-8, malformed SSE).
+    Raw(Arc<Vec<u8>>),
     /// The stream must end (the session was deleted).
     End,
+    /// The connection is dropped mid-body, without the chunked terminator (a reset).
+    Abort,
+    /// Nothing is written (no heartbeats either) for this long, then [`Frame::Abort`].
+    Hang(Duration),
 }
 
 /// The two heartbeat shapes seen in the wild.
@@ -125,14 +137,19 @@ struct Subscriber {
 impl Subscriber {
     /// Queues `frame`; false when the stream is gone.
     fn send(&self, frame: &Arc<String>) -> bool {
+        self.send_counted(Frame::Data(Arc::clone(frame)), frame.len())
+    }
+
+    /// Queues `frame` of `len` bytes; false when the stream is gone.
+    fn send_counted(&self, frame: Frame, len: usize) -> bool {
         if self.gauge.is_detached() {
             return false;
         }
-        self.gauge.queued.fetch_add(frame.len(), Ordering::SeqCst);
-        if self.tx.send(Frame::Data(Arc::clone(frame))).is_ok() {
+        self.gauge.queued.fetch_add(len, Ordering::SeqCst);
+        if self.tx.send(frame).is_ok() {
             true
         } else {
-            self.gauge.written(frame.len());
+            self.gauge.written(len);
             false
         }
     }
@@ -194,6 +211,20 @@ impl Broadcaster {
                 .iter()
                 .all(|(name, json)| s.send(&Arc::new(format_frame(name, json))))
         });
+    }
+
+    /// Sends raw bytes (need not be UTF-8 or valid SSE) to every stream.
+    pub fn publish_raw(&mut self, bytes: &Arc<Vec<u8>>) {
+        self.subscribers
+            .retain(|s| s.send_counted(Frame::Raw(Arc::clone(bytes)), bytes.len()));
+    }
+
+    /// Ends every stream with `last` ([`Frame::Abort`] or [`Frame::Hang`]): after what was
+    /// already queued, the connection is dropped mid-body. The streams get nothing more.
+    pub fn fail(&mut self, last: &Frame) {
+        for s in self.subscribers.drain(..) {
+            let _ = s.tx.send(last.clone());
+        }
     }
 
     /// Ends every stream.
@@ -281,7 +312,16 @@ pub fn pump(
                 out.send(frame.as_bytes())?;
                 sub.gauge.written(frame.len());
             }
+            Some(Frame::Raw(bytes)) => {
+                out.send(&bytes)?;
+                sub.gauge.written(bytes.len());
+            }
             Some(Frame::End) => return Ok(()),
+            Some(Frame::Abort) => return Err(aborted()),
+            Some(Frame::Hang(hold)) => {
+                thread::sleep(hold);
+                return Err(aborted());
+            }
             None => {
                 out.send(kind.frame().as_bytes())?;
                 next_beat = heartbeat.map(|every| Instant::now() + every);
@@ -290,10 +330,54 @@ pub fn pump(
     }
 }
 
+/// The error that makes the server drop a connection mid-body.
+fn aborted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "stream aborted by an injected fault",
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_frames_pass_verbatim_and_faults_end_the_body_with_an_error() {
+        let mut b = Broadcaster::default();
+        let sub = b.subscribe(vec![]);
+        let gauges = b.gauges();
+        b.publish_raw(&Arc::new(b"data: \xff\xfe\n\n".to_vec()));
+        b.fail(&Frame::Abort);
+        assert_eq!(b.len(), 0, "failed streams get nothing more");
+        b.publish("late", "{}");
+        let mut out = Vec::new();
+        let err = pump(
+            &sub,
+            &mut ChunkedWriter::new(&mut out),
+            None,
+            HeartbeatKind::Comment,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(out, b"a\r\ndata: \xff\xfe\n\n\r\n");
+        assert_eq!(gauges[0].queued(), 0);
+
+        let sub = b.subscribe(vec![]);
+        b.fail(&Frame::Hang(Duration::from_millis(60)));
+        let began = Instant::now();
+        let mut out = Vec::new();
+        assert!(pump(
+            &sub,
+            &mut ChunkedWriter::new(&mut out),
+            Some(Duration::from_millis(5)),
+            HeartbeatKind::Comment,
+        )
+        .is_err());
+        assert!(began.elapsed() >= Duration::from_millis(60));
+        assert!(out.is_empty(), "no heartbeat while hanging: {out:?}");
+    }
 
     #[test]
     fn frames_are_exact() {

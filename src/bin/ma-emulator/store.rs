@@ -103,6 +103,8 @@ pub struct UsageTruth {
     pub ephemeral_1h_input_tokens: u64,
     pub active_seconds: u64,
     pub span_event_ids: Vec<String>,
+    /// The usage of each span, in the order of `span_event_ids`.
+    pub span_usage: Vec<ModelUsage>,
 }
 
 impl UsageTruth {
@@ -116,6 +118,7 @@ impl UsageTruth {
         self.cache_read_input_tokens += usage.cache_read_input_tokens;
         self.active_seconds += active_seconds;
         self.span_event_ids.push(span_end_id.to_string());
+        self.span_usage.push(*usage);
     }
 
     /// The cumulative snapshot as it appears in `session.usage` and on the session.
@@ -148,6 +151,16 @@ impl UsageTruth {
             },
             "active_seconds": self.active_seconds,
             "span_event_ids": self.span_event_ids,
+            "spans": self
+                .span_event_ids
+                .iter()
+                .zip(&self.span_usage)
+                .map(|(id, usage)| {
+                    let mut span = usage.to_json();
+                    span["id"] = json!(id);
+                    span
+                })
+                .collect::<Vec<_>>(),
         })
     }
 }

@@ -48,6 +48,7 @@ fn full(reply: Reply) -> (u16, Value, Vec<(String, String)>) {
             r.headers,
         ),
         Reply::Stream(_) => panic!("unexpected stream"),
+        Reply::Fault(f) => panic!("unexpected fault {f:?}"),
     }
 }
 
@@ -543,4 +544,188 @@ fn credentials_never_echo_secrets() {
         Value::Null,
     );
     assert!(!list.to_string().contains("sekrit"));
+}
+
+/// Opens a stream on `sid` and runs a turn; returns the stream's bytes and whether its body
+/// ended with an error (an aborted connection).
+fn stream_turn(s: &Server, sid: &str, text: &str) -> (Vec<u8>, bool) {
+    let Reply::Stream(stream) = s.handle(request(
+        "GET",
+        &format!("/v1/sessions/{sid}/events/stream"),
+        GOOD,
+        "",
+    )) else {
+        panic!("expected a stream");
+    };
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let failed = (stream.body)(&mut ChunkedWriter::new(&mut out)).is_err();
+        (out, failed)
+    });
+    call(
+        s,
+        "POST",
+        &format!("/v1/sessions/{sid}/events"),
+        json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": text}]}]}),
+    );
+    wait_idle(s, sid);
+    call(s, "DELETE", &format!("/v1/sessions/{sid}"), Value::Null);
+    reader.join().unwrap()
+}
+
+fn usage_sum(truth: &Value, field: &str) -> u64 {
+    truth["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|span| span[field].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn fault_turns_deliver_the_first_request_then_misbehave() {
+    let s = server();
+    for (command, aborted, spans, marker) in [
+        ("emulator:fault reset", true, 1, None),
+        ("emulator:fault hang 0", true, 1, None),
+        (
+            "emulator:fault malformed",
+            false,
+            1,
+            Some(&b"this line has no colon"[..]),
+        ),
+        (
+            "emulator:fault badutf8",
+            false,
+            1,
+            Some(&b"\xed\xa0\x80"[..]),
+        ),
+        (
+            "emulator:fault truncated",
+            false,
+            2,
+            Some(&b"\"model_usage\":{\""[..]),
+        ),
+        (
+            "emulator:fault hugeline 1",
+            false,
+            2,
+            Some(&b"\"padding\":\"lorem"[..]),
+        ),
+    ] {
+        let sid = setup(&s);
+        let (out, failed) = stream_turn(&s, &sid, command);
+        assert_eq!(failed, aborted, "{command}");
+        let (_, truth) = call(&s, "GET", &format!("/_emulator/usage/{sid}"), Value::Null);
+        assert_eq!(truth["model_requests"], spans, "{command}");
+        assert_eq!(
+            usage_sum(&truth, "input_tokens"),
+            truth["input_tokens"].as_u64().unwrap()
+        );
+        let first = script::model_usage(command, 0, 0);
+        assert_eq!(truth["spans"][0]["output_tokens"], first.output_tokens);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("event: span.model_request_end"), "{command}");
+        let first_span_id = truth["span_event_ids"][0].as_str().unwrap();
+        assert!(
+            text.contains(first_span_id),
+            "{command}: first span delivered"
+        );
+        if let Some(marker) = marker {
+            assert!(out.windows(marker.len()).any(|w| w == marker), "{command}");
+            if command.ends_with("truncated") {
+                let cut = text
+                    .lines()
+                    .filter_map(|l| l.split_once("\"model_usage\":{\""))
+                    .map(|(_, rest)| rest.len())
+                    .collect::<Vec<_>>();
+                assert_eq!(cut.len(), 2, "{text}");
+                assert_eq!(cut[1], 5, "the second span is cut inside its usage: {text}");
+            }
+            assert!(text.contains("event: session.status_idle"), "{command}");
+        } else {
+            assert!(
+                !text.contains("event: session.usage"),
+                "{command}: cut before"
+            );
+        }
+        // The history is well-formed: complete events only, the turn ends idle.
+        let types = event_types_if_any(&s, &sid);
+        assert!(types.is_empty(), "the session was deleted: {types:?}");
+    }
+    // A 1 MiB line is one line.
+    let sid = setup(&s);
+    let (out, _) = stream_turn(&s, &sid, "emulator:fault hugeline 1");
+    let longest = out.split(|b| *b == b'\n').map(<[u8]>::len).max().unwrap();
+    assert!(longest > 1 << 20, "{longest}");
+}
+
+fn event_types_if_any(s: &Server, sid: &str) -> Vec<String> {
+    let (status, page) = call(
+        s,
+        "GET",
+        &format!("/v1/sessions/{sid}/events?limit=1000"),
+        Value::Null,
+    );
+    if status != 200 {
+        return Vec::new();
+    }
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn request_faults_by_kind() {
+    let s = server();
+    let add = |body: Value| call(&s, "POST", "/_emulator/faults", body);
+    assert_eq!(add(json!({"kind": "bogus"})).0, 400);
+    assert_eq!(add(json!({"kind": "status"})).0, 400);
+    assert_eq!(
+        add(json!({"status": 529, "path_prefix": "/v1/agents"})).0,
+        200
+    );
+    let (status, body) = call(&s, "GET", "/v1/agents", Value::Null);
+    assert_eq!(status, 529);
+    assert_eq!(body["error"]["type"], "overloaded_error");
+    assert_eq!(
+        call(&s, "GET", "/v1/agents", Value::Null).0,
+        200,
+        "consumed"
+    );
+
+    let misbehaves = |kind: &str| {
+        add(json!({"kind": kind, "path_prefix": "/v1/agents", "hold_ms": 5}));
+        match s.handle(request("GET", "/v1/agents", GOOD, "")) {
+            Reply::Fault(f) => f,
+            _ => panic!("{kind}: expected a fault"),
+        }
+    };
+    assert!(matches!(misbehaves("reset"), Misbehave::Close));
+    assert!(matches!(
+        misbehaves("hang"),
+        Misbehave::Hang(d) if d == Duration::from_millis(5)
+    ));
+    assert!(matches!(
+        misbehaves("hang_headers"),
+        Misbehave::HeadThenHang { status: 200, .. }
+    ));
+    let Misbehave::Truncate { resp, keep } = misbehaves("truncated") else {
+        panic!("expected a truncated answer");
+    };
+    assert_eq!(resp.status, 200);
+    assert_eq!(keep, resp.body.len() / 2);
+    assert!(serde_json::from_slice::<Value>(&resp.body).is_ok());
+
+    add(json!({"kind": "truncated_json", "path_prefix": "/v1/agents"}));
+    let Reply::Full(resp) = s.handle(request("GET", "/v1/agents", GOOD, "")) else {
+        panic!("expected a full answer");
+    };
+    assert_eq!(resp.status, 200);
+    assert!(serde_json::from_slice::<Value>(&resp.body).is_err());
+    let (_, listed) = call(&s, "GET", "/_emulator/faults", Value::Null);
+    assert_eq!(listed["faults"], json!([]));
 }
