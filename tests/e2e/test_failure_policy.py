@@ -116,12 +116,12 @@ def _filter_config(config: dict) -> tuple[dict, dict]:
 
 
 def start(emulator, fault_wasm, *, policy: str | None = None, proposed: bool = False,
-          plugin_overrides=None) -> Gateway:
+          plugin_overrides=None, audit_path=None) -> Gateway:
     """Envoy from the shipped envoy.yaml with the fault build, one worker; `policy` overrides
     the shipped failure_policy; `proposed` adds the proposed local reply and reload configs."""
     config = stack.render_envoy_config(
         upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
-        gateway_keys=KEYS, wasm_path=fault_wasm, plugin_overrides=plugin_overrides)
+        gateway_keys=KEYS, wasm_path=fault_wasm, plugin_overrides=plugin_overrides, audit_path=audit_path)
     hcm, wasm = _filter_config(config)
     if policy is not None:
         wasm["failure_policy"] = policy
@@ -244,11 +244,12 @@ def wait_recovered(gateway: Gateway) -> tuple[float, list]:
     raise AssertionError(f"no recovery within {RECOVERY_BOUND_S}s: {[r.status for r in failed][-5:]}")
 
 
-def test_shipped_policy_fails_closed_then_reloads(emulator, fault_wasm):
+def test_shipped_policy_fails_closed_then_reloads(emulator, fault_wasm, tmp_path):
     policy = shipped_failure_policy()
     assert policy == "FAIL_RELOAD", "this test describes FAIL_RELOAD; envoy.yaml changed policy"
     envelope = envelope_expected()
-    gw = start(emulator, fault_wasm)
+    audit = tmp_path / "audit.log"
+    gw = start(emulator, fault_wasm, audit_path=audit)
     stream = None
     try:
         assert gw.call("GET", "/v1/agents").status == 200
@@ -286,6 +287,28 @@ def test_shipped_policy_fails_closed_then_reloads(emulator, fault_wasm):
         assert after == []
         assert stream.count("agent.message") == 2
         assert "session.status_idle" not in stream.names()
+
+        # The audit trail: one line each. The panicking call has only Envoy's fields (the filter
+        # wrote nothing before it died); the cut stream looks allowed and complete (status 200,
+        # response_flags "-", no usage): only RESPONSE_CODE_DETAILS (wasm_fail_stream) tells.
+        deadline = time.monotonic() + 10
+        while True:
+            records = [json.loads(line) for line in audit.read_text().splitlines()]
+            failed = [r for r in records if r["status"] == 503]
+            streams = [r for r in records if r.get("operation") == "session_events.stream"]
+            if failed and streams:
+                break
+            assert time.monotonic() < deadline, records
+            time.sleep(0.1)
+        print(f"audit of the panicking call: {failed[0]}\naudit of the cut stream: {streams}")
+        assert len(failed) == 1 + len(during)  # the panicking call and those in the backoff
+        for record in failed:
+            assert {k: record[k] for k in ("method", "status", "response_flags")} == {
+                "method": "GET", "status": 503, "response_flags": "-"}
+            assert "decision" not in record and "tenant" not in record
+        assert len(streams) == 1
+        assert (streams[0]["status"], streams[0]["decision"], streams[0]["response_flags"]) == (200, "allowed", "-")
+        assert "usage" not in streams[0]
 
         # The fresh VM authenticates as before, and shared data (credential, accounting)
         # survived: the cut stream's turn is metered exactly from the session snapshot.
