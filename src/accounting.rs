@@ -73,7 +73,8 @@
 //! `POST /v1/sessions` response, so that a session's record exists before anybody streams it.
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::store::{self, Store, StoreError};
 use crate::usage::{Observation, SessionFacts, Snapshot, SpanTokens};
@@ -489,8 +490,8 @@ fn read_index(bytes: Option<&[u8]>) -> Vec<(String, u64)> {
     let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
         return Vec::new();
     };
-    match serde_json::from_slice::<IndexRecord>(bytes) {
-        Ok(index) if index.v == RECORD_VERSION => index.s,
+    match IndexRecord::decode(bytes) {
+        Some(index) if index.v == u64::from(RECORD_VERSION) => index.s,
         // The index only guides reconciliation and expiry; losing it loses no usage.
         _ => {
             log::warn!("usage index is unreadable; starting a new one");
@@ -502,17 +503,49 @@ fn read_index(bytes: Option<&[u8]>) -> Vec<(String, u64)> {
 /// `None` only if serde_json fails, in which case the index is left as it was.
 fn encode_index(entries: &[(String, u64)]) -> Option<Vec<u8>> {
     let index = IndexRecord {
-        v: RECORD_VERSION,
+        v: u64::from(RECORD_VERSION),
         s: entries.to_vec(),
     };
     serde_json::to_vec(&index).ok()
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct IndexRecord {
-    v: u32,
+    v: u64,
     /// `[session_id, last_touched_secs]`.
     s: Vec<(String, u64)>,
+}
+
+// The stored records are read by walking a `serde_json::Value` rather than with
+// `#[derive(Deserialize)]`: a derived integer field makes serde link its "invalid type:
+// floating point `1.5`" message and with it core's float printing, ~20 KB of the module.
+
+impl IndexRecord {
+    fn decode(bytes: &[u8]) -> Option<IndexRecord> {
+        let value: Value = serde_json::from_slice(bytes).ok()?;
+        let record = value.as_object()?;
+        let mut s = Vec::new();
+        for entry in record.get("s")?.as_array()? {
+            match entry.as_array()?.as_slice() {
+                [id, touched] => s.push((id.as_str()?.to_string(), touched.as_u64()?)),
+                _ => return None,
+            }
+        }
+        Some(IndexRecord {
+            v: record.get("v")?.as_u64()?,
+            s,
+        })
+    }
+}
+
+/// The `u64`s of a JSON array of exactly `N` of them.
+fn u64_array<const N: usize>(value: &Value) -> Option<[u64; N]> {
+    let items = value.as_array().filter(|items| items.len() == N)?;
+    let mut out = [0; N];
+    for (slot, item) in out.iter_mut().zip(items) {
+        *slot = item.as_u64()?;
+    }
+    Some(out)
 }
 
 /// Charged totals as stored: cache writes as a lump plus its 1-hour part, so that every field
@@ -616,11 +649,10 @@ struct Record {
 }
 
 /// The stored form: short field names, ids as base64 of little-endian hashes.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct StoredRecord {
-    v: u32,
+    v: u64,
     c: [u64; 7],
-    #[serde(default)]
     p: [u64; 4],
     #[serde(default, skip_serializing_if = "String::is_empty")]
     h: String,
@@ -629,6 +661,42 @@ struct StoredRecord {
     t: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     m: Option<String>,
+}
+
+impl StoredRecord {
+    /// Missing `p`, `h`, `x` and `m` take their defaults (older records and the encoder's
+    /// omissions); unknown fields are ignored.
+    fn decode(bytes: &[u8]) -> Result<StoredRecord, String> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let record = value.as_object().ok_or("not a JSON object")?;
+        let field = |name: &str| record.get(name).filter(|v| !v.is_null());
+        let wrong = |name: &str| format!("field `{name}` is missing or malformed");
+        Ok(StoredRecord {
+            v: field("v")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| wrong("v"))?,
+            c: field("c").and_then(u64_array).ok_or_else(|| wrong("c"))?,
+            p: match field("p") {
+                None => [0; 4],
+                Some(p) => u64_array(p).ok_or_else(|| wrong("p"))?,
+            },
+            h: match field("h") {
+                None => String::new(),
+                Some(h) => h.as_str().ok_or_else(|| wrong("h"))?.to_string(),
+            },
+            x: match field("x") {
+                None => false,
+                Some(x) => x.as_bool().ok_or_else(|| wrong("x"))?,
+            },
+            t: field("t")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| wrong("t"))?,
+            m: match field("m") {
+                None => None,
+                Some(m) => Some(m.as_str().ok_or_else(|| wrong("m"))?.to_string()),
+            },
+        })
+    }
 }
 
 impl Record {
@@ -647,8 +715,8 @@ impl Record {
         // Never restart an unreadable record from zero: the next snapshot would charge the
         // whole session again.
         let bad = |why: String| StoreError::Other(format!("unreadable usage record: {why}"));
-        let stored: StoredRecord = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        if stored.v != RECORD_VERSION {
+        let stored = StoredRecord::decode(bytes).map_err(bad)?;
+        if stored.v != u64::from(RECORD_VERSION) {
             return Err(bad(format!("version {}", stored.v)));
         }
         let raw = base64::engine::general_purpose::STANDARD
@@ -676,7 +744,7 @@ impl Record {
     fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let raw: Vec<u8> = self.span_ids.iter().flat_map(|h| h.to_le_bytes()).collect();
         let stored = StoredRecord {
-            v: RECORD_VERSION,
+            v: u64::from(RECORD_VERSION),
             c: self.charged.to_array(),
             p: self.spans,
             h: base64::engine::general_purpose::STANDARD.encode(raw),

@@ -435,7 +435,8 @@ fn decode_value(bytes: &[u8], depth: usize) -> Result<Value, String> {
             (2, Wire::Fixed64(bits)) => {
                 let n = f64::from_bits(bits);
                 Value::Number(
-                    Number::from_f64(n).ok_or_else(|| format!("number {n} is not finite"))?,
+                    // Not `format!("{n}")`: `Display for f64` alone links ~15 KB of float printing.
+                    Number::from_f64(n).ok_or("number is not finite (NaN or infinity)")?,
                 )
             }
             (3, Wire::Bytes(b)) => Value::String(utf8(b)?.to_string()),

@@ -22,7 +22,6 @@
 
 use std::fmt;
 
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// The SSE event names that carry usage.
@@ -221,8 +220,7 @@ fn session_usage(event: &Map<String, Value>) -> Result<Snapshot, UsageError> {
 }
 
 /// The fields of a session object we read; everything else (agent system prompt, tools,
-/// resources, …) is skipped by the deserializer without being built.
-#[derive(Deserialize)]
+/// resources, …) is ignored.
 struct SessionBody {
     id: Option<Value>,
     agent: Option<Value>,
@@ -231,11 +229,31 @@ struct SessionBody {
     stats: Option<Value>,
 }
 
+impl SessionBody {
+    /// Parsed as a `Value` and picked apart, not with `#[derive(Deserialize)]`: a derived
+    /// struct makes serde link its "invalid type: floating point" message and with it core's
+    /// float printing, ~15 KB of the module for an error nobody reads.
+    fn parse(body: &[u8]) -> Result<SessionBody, String> {
+        let Value::Object(mut object) = serde_json::from_slice(body).map_err(|e| e.to_string())?
+        else {
+            return Err("not an object".to_string());
+        };
+        let mut take = |name: &str| object.remove(name).filter(|v| !v.is_null());
+        Ok(SessionBody {
+            id: take("id"),
+            agent: take("agent"),
+            status: take("status"),
+            usage: take("usage"),
+            stats: take("stats"),
+        })
+    }
+}
+
 /// Parses a session object (the body of `POST /v1/sessions` or `GET /v1/sessions/{id}`).
 /// Only `id` is required; a malformed `usage` is reported in
 /// [`SessionFacts::snapshot_error`].
 pub fn from_session_body(body: &[u8]) -> Result<SessionFacts, UsageError> {
-    let session: SessionBody = serde_json::from_slice(body)
+    let session = SessionBody::parse(body)
         .map_err(|e| UsageError::new("", format!("session body is not a JSON object: {e}")))?;
     let session_id = match session.id {
         Some(Value::String(id)) if !id.is_empty() => id,
