@@ -396,8 +396,19 @@ impl HttpContext for GatewayStream {
         }
         self.admitted = Some(admitted);
         if op.action == RouteAction::SendEvents && !end_of_stream {
-            // Which event types were sent (never their content) goes to the audit record.
-            self.events_pending = true;
+            // Which event types were sent (never their content) goes to the audit record,
+            // unless the declared body is over the inspection cap: holding it back would run
+            // into Envoy's own request buffer limit (a plain-text 413) instead of letting it
+            // through unread as documented.
+            let declared = header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok());
+            if declared.is_some_and(|n| n > plan.isolation.max_body_bytes) {
+                self.audit(vec![(
+                    "events",
+                    "unread (body over the inspection cap)".to_string(),
+                )]);
+            } else {
+                self.events_pending = true;
+            }
         }
         if Self::needs_body(&plan, &tenant, &op) {
             if end_of_stream && op.action == RouteAction::Create {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -38,6 +39,14 @@ TOKEN_TYPES = {"input": "input_tokens", "output": "output_tokens",
 # Envoy's RSS may move by allocator noise and buffers; it may not follow the faults' sizes
 # (hugeline streams 3 × 8 MiB, the slow reader 8 MiB).
 RSS_SLACK_BYTES = 24 << 20
+
+
+def record_counts(**counts):
+    """Appends this case's counts for the reliability report ($MA_RELIABILITY_COUNTS)."""
+    path = os.environ.get("MA_RELIABILITY_COUNTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"suite": "faults", **counts}) + "\n")
 
 
 def shorten_hang_bounds(config: dict, seconds: int) -> dict:
@@ -372,6 +381,7 @@ def test_stream_faults(faulty, kind, ended, flags, spans_delivered, rejected):
     assert usage["session_id"] == sid
     assert usage["output_tokens"] == span_usage(truth, delivered[:1])["output"] + (
         0 if ended == "reset" else truth["output_tokens"] - span_usage(truth, delivered[:1])["output"])
+    record_counts(fault=f"stream {kind}", injected=1, survived=1, tokens_lost=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,6 +453,7 @@ def test_call_faults(faulty, fault, status, flags, error_type):
     while len(reads()) < 2 and time.monotonic() < end:
         time.sleep(0.05)
     assert [(r["status"], r["response_flags"]) for r in reads()] == [(status, flags), (200, "-")], reads()
+    record_counts(fault=f"call {fault.get('kind', fault.get('status'))}", injected=1, survived=1, tokens_lost=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -471,6 +482,7 @@ def test_client_leaves_mid_stream(faulty):
     bench.gw.ok("GET", f"/v1/sessions/{sid}")
     bench.assert_tokens_equal_truth()
     del samples
+    record_counts(fault="client leaves mid-stream", injected=1, survived=1, tokens_lost=0)
 
 
 def test_slow_reader_is_flow_controlled(faulty):
@@ -502,3 +514,4 @@ def test_slow_reader_is_flow_controlled(faulty):
     record = bench.stream_record(sid)
     # DC: the reader closes the stream after session.status_idle (streams stay open).
     assert (record["status"], record["response_flags"]) == (200, "DC")
+    record_counts(fault="slow reader", injected=1, survived=1, tokens_lost=0)

@@ -363,12 +363,18 @@ def test_oversized_headers_and_bodies(sweep, world):
     statuses.append(status_of(sweep.raw(head("POST", "/v1/agents", [
         ("content-type", "application/json"), ("content-length", str(10 << 30))]), timeout=2)))
     assert statuses == [431, 431, 431, 431, 413, 413, 0], statuses
-    # A 2 MiB events body: Envoy's own 1 MiB request buffer limit answers 413 (text/plain,
-    # not the API's envelope) while the filter holds the body to list its event types.
+    # A 2 MiB events body (over the 1 MiB inspection cap) is forwarded unread, not held back
+    # (holding it would hit Envoy's own 1 MiB request buffer: a plain-text 413), and the
+    # audit record says it was not read.
     reply = sweep.call("POST", f"/v1/sessions/{a['session']}/events", body={"events": [{
-        "type": "user.message", "content": [{"type": "text", "text": "y" * (2 << 20)}]}]})
-    assert (reply.status, reply.body) == (413, b"Payload Too Large")
-    assert [r for r in sweep.gw.emulator.requests() if r["body_bytes"] > (1 << 20)] == []
+        "type": "user.message", "content": [{"type": "text", "text": "big " + "y" * (2 << 20)}]}]}, bad=False)
+    assert reply.status == 200, reply.body[:200]
+    big = [r for r in sweep.gw.emulator.requests() if r["body_bytes"] > (1 << 20)]
+    assert [r["path"] for r in big] == [f"/v1/sessions/{a['session']}/events"]
+    end = time.monotonic() + 15
+    while '"events":"unread (body over the inspection cap)"' not in sweep.audit_path.read_text():
+        assert time.monotonic() < end, "no audit record of the unread body"
+        time.sleep(0.05)
     sweep.drain_upstream()
 
 
