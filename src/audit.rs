@@ -147,6 +147,10 @@ fn is_event_type(t: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
     use crate::errors::ErrorKind;
     use crate::routes::Family;

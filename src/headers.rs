@@ -133,6 +133,10 @@ fn merge_betas(plan: &Plan, client: &[&str]) -> Result<String, ApiError> {
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
     use crate::config::MANAGED_AGENTS_BETA;
 

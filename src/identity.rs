@@ -111,6 +111,10 @@ pub fn from_claims(claims: Result<Claims, String>) -> Result<Principal, ApiError
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
 
     fn keys() -> Vec<GatewayKey> {

@@ -1055,6 +1055,10 @@ pub fn valid_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use std::cell::Cell;
 
     use serde_json::json;

@@ -214,6 +214,10 @@ pub fn status_class(status: u32) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
 
     #[test]

@@ -74,6 +74,10 @@ pub fn tenant_of(store: &dyn Store, session_id: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
     use crate::store::MemoryStore;
 

@@ -693,6 +693,10 @@ fn has_zero_byte(x: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
 
     const METERED: [&str; 4] = [

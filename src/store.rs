@@ -216,6 +216,10 @@ pub fn update<T>(
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
 
     fn add_one(value: Option<&[u8]>) -> Option<(Vec<u8>, u64)> {

@@ -682,6 +682,10 @@ pub fn owner_from_lookup(status: u32, body: &[u8], tag_key: &str) -> LookupResul
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
     use crate::routes::{classify, RouteRules};
     use crate::store::MemoryStore;

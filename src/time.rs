@@ -68,6 +68,10 @@ pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
 
     #[test]

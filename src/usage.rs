@@ -452,6 +452,10 @@ fn optional_seconds(value: Option<&Value>, path: &str) -> Result<Option<u64>, Us
 
 #[cfg(test)]
 mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
     use super::*;
 
     const SPAN: &str = r#"{"type":"span.model_request_end","id":"sevt_1","model_request_start_id":"sevt_0","is_error":false,"model_usage":{"input_tokens":3571,"output_tokens":727,"cache_creation_input_tokens":0,"cache_read_input_tokens":6656},"processed_at":"2026-05-01T12:00:04.000Z"}"#;
