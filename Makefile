@@ -12,7 +12,7 @@ EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
 DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry wrk nghttp2-client
 
-.PHONY: all run test bench lint unit validate e2e build wasm emulator toolchain venv debs clean
+.PHONY: all run test bench lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
 
 all: build
 
@@ -56,6 +56,12 @@ wasm: toolchain
 emulator:
 	cargo build --release --bin ma-emulator
 
+FAULT_TARGET := target/fault-injection
+## wasm-fault: TEST-ONLY module that panics on demand (x-ma-gateway-fault header, cargo feature
+## fault-injection) in its own target dir; never shipped (a test checks the shipped one has no trigger)
+wasm-fault: toolchain
+	cargo build --target wasm32-wasip1 --release --lib --features fault-injection --target-dir $(FAULT_TARGET)
+
 build: wasm emulator
 
 ## oci: the filter as a reproducible OCI image (Wasm "compat" variant: one tar+gzip layer with
@@ -68,6 +74,7 @@ oci: wasm venv
 lint: toolchain
 	cargo fmt --check
 	cargo clippy --target wasm32-wasip1 --lib -- -D warnings
+	cargo clippy --target wasm32-wasip1 --lib --features fault-injection --target-dir $(FAULT_TARGET) -- -D warnings
 	cargo clippy --all-targets -- -D warnings
 
 unit:
@@ -80,7 +87,7 @@ validate: wasm venv
 	  ANTHROPIC_API_KEY=validate-only $(VENV)/bin/envoy --mode validate -c $$c --disable-hot-restart -l error >/dev/null || exit 1; \
 	done
 
-e2e: build venv
+e2e: build wasm-fault venv
 	$(VENV_PY) -m pytest -q tests/e2e
 
 clean:

@@ -16,7 +16,7 @@ One worker (`--concurrency 1`) so every request meets the VM that panicked.
 - FAIL_CLOSED: the worker answers 503 to everything from then on.
 - FAIL_OPEN: the filter is skipped from then on: unauthenticated calls, the client's own
   gateway key and paths outside Managed Agents all reach upstream. Not acceptable for auth.
-- the proposed envoy.yaml additions (PROPOSED_* below): the 503 becomes an Anthropic error
+- the envoy.yaml additions (shipped; PROPOSED_* below keeps a copy for configs built without them): the 503 becomes an Anthropic error
   envelope (`api_error`, `x-should-retry: true`) and recovery takes ~0.1 s.
 """
 
@@ -432,7 +432,7 @@ def test_fail_closed_keeps_the_worker_failed(emulator, fault_wasm):
     try:
         assert gw.call("GET", "/v1/agents").status == 200
         reply, took, marker = panic_now(gw)
-        assert_failed_vm_reply(reply, envelope=False)
+        assert_failed_vm_reply(reply, envelope=envelope_expected())
         assert took < PANIC_REPLY_BOUND_S
         # Past FAIL_RELOAD's reload backoff (jittered, at most 1 s): still failed, and nothing
         # reaches upstream.
