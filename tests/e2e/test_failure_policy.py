@@ -306,8 +306,10 @@ def test_shipped_policy_fails_closed_then_reloads(emulator, fault_wasm, tmp_path
             assert {k: record[k] for k in ("method", "status", "response_flags")} == {
                 "method": "GET", "status": 503, "response_flags": "-"}
             assert "decision" not in record and "tenant" not in record
+            assert record["details"] == "wasm_fail_stream"
         assert len(streams) == 1
         assert (streams[0]["status"], streams[0]["decision"], streams[0]["response_flags"]) == (200, "allowed", "-")
+        assert streams[0]["details"] == "wasm_fail_stream"
         assert "usage" not in streams[0]
 
         # The fresh VM authenticates as before, and shared data (credential, accounting)
