@@ -104,8 +104,8 @@ fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
 }
 
 /// Every plugin config the repository ships as JSON text: the example JSON files, the
-/// `StringValue` of every plain-Envoy config, and the `config:` of every Envoy Gateway
-/// `EnvoyExtensionPolicy`. (The Istio `pluginConfig` is YAML; test_schema.py covers it.)
+/// `StringValue` of every plain-Envoy config and xDS resource file (`examples/ecds/`,
+/// `examples/lds/`), and the `config:` of every Envoy Gateway `EnvoyExtensionPolicy`. (The Istio `pluginConfig` is YAML; test_schema.py covers it.)
 fn shipped_plugin_configs() -> Vec<Shipped> {
     let root = root();
     let examples = root.join("examples");
@@ -122,6 +122,10 @@ fn shipped_plugin_configs() -> Vec<Shipped> {
     }
     let mut envoy_configs = vec![root.join("envoy.yaml")];
     envoy_configs.extend(files(&examples, ".envoy.yaml"));
+    // xDS resource files served from a watched directory: the ECDS filter config, the LDS listener.
+    for dir in ["ecds", "lds"] {
+        envoy_configs.extend(files(&examples.join(dir), ".yaml"));
+    }
     for path in envoy_configs {
         let text = fs::read_to_string(&path).unwrap();
         let blocks = blocks_under(&text, |line, previous| {
@@ -173,6 +177,8 @@ fn every_shipped_plugin_config_parses() {
         "examples/plugin-config.json",
         "examples/plugin-config.minimal.json",
         "envoy.yaml (StringValue 0)",
+        "examples/ecds/ma_gateway.yaml (StringValue 0)",
+        "examples/lds/listener.yaml (StringValue 0)",
         "examples/envoy-gateway/extension-policy.yaml (wasm config 0)",
         "examples/ai-gateway/managed-agents.yaml (wasm config 0)",
     ] {

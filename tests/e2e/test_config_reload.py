@@ -1,6 +1,25 @@
-"""Plugin config changes under load, through LDS from a watched file (examples/dynamic-lds.envoy.yaml
-and examples/lds/listener.yaml), in real Envoy.
+"""Plugin config changes under load from a watched file, in real Envoy, through the two shipped
+examples: ECDS (examples/dynamic-ecds.envoy.yaml + examples/ecds/ma_gateway.yaml, the recommended
+way) and LDS (examples/dynamic-lds.envoy.yaml + examples/lds/listener.yaml). Both run from copies
+of the shipped files (paths, ports, upstream and keys rewritten), never from configs built here.
 
+ECDS (only the Wasm filter's config is discovered):
+- The example's bootstrap is envoy.yaml with `config_discovery` in place of the inline filter,
+  and its ECDS file holds envoy.yaml's filter config; `--mode validate` does not read the ECDS
+  file, so the resource is also validated as the inline filter.
+- An accepted update is applied within milliseconds to every request that starts afterwards,
+  including the next call on a keep-alive connection opened before (nothing is drained or
+  closed); an event stream open across the update, even one opened with a key the update
+  revokes, keeps receiving every event, ends normally and is metered exactly.
+- A bad update (on_configure refuses the JSON; or a misspelled Envoy field, with the
+  recommended `--reject-unknown-dynamic-fields`) is rejected (`update_rejected`), the log names
+  the field and the previous config keeps serving; half a file is refused the same way.
+- Fail-closed without a `default_config`: the listener accepts connections only once the filter
+  config is loaded (polled from the process start), and with an invalid ECDS file at startup
+  every call is answered 500 by Envoy, never forwarded, until a valid file is renamed in. With
+  a default_config, the same invalid file would serve the default silently (shown here too).
+
+LDS:
 - The example's listener is envoy.yaml's listener; its bootstrap is envoy.yaml's (admin, stats
   tags, cluster, reconciler) with LDS instead of a static listener. `envoy --mode validate` does
   not read LDS files, so the listener is also validated as a static one here, and the example is
@@ -20,6 +39,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
 
 import pytest
@@ -218,55 +238,225 @@ def test_streams_on_the_old_config_are_closed_when_the_drain_time_runs_out(emula
         lds.stop()
 
 
-def test_ecds_updates_the_plugin_config_without_draining_anything(emulator, upstream, tmp_path):
-    """The alternative to LDS measured here (proposed, not shipped as an example yet): the Wasm
-    filter's config alone from a watched file (ECDS). Nothing drains, so no drain time can cut
-    a stream, and even a keep-alive connection opened before gets the new config at once."""
-    config = stack.render_envoy_config(upstream=upstream, listen_port=0, admin_port=0, gateway_keys=KEYS)
-    typed_config = dynamic.to_ecds(config, tmp_path)
-    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
-    gw = Gateway(envoy, emulator)
+# ---------------------------------------------------------------------------------------------
+# ECDS: examples/dynamic-ecds.envoy.yaml + examples/ecds/ma_gateway.yaml
+# ---------------------------------------------------------------------------------------------
+
+# What the ECDS example tells operators to run Envoy with (checked in its header comment).
+ECDS_FLAGS = ["--reject-unknown-dynamic-fields"]
+ECDS_DISCOVERY = {
+    "config_source": {"resource_api_version": "V3", "path_config_source": {
+        "path": "examples/ecds/ma_gateway.yaml", "watched_directory": {"path": "examples/ecds"}}},
+    "type_urls": [dynamic.WASM_FILTER_TYPE],
+}
+
+
+def test_ecds_example_bootstrap_is_the_shipped_bootstrap_with_the_filter_discovered():
+    shipped = _envoy_yaml()
+    example = yaml.safe_load(dynamic.ECDS_EXAMPLE.read_text())
+    assert example.pop("node") == {"id": "ma-gateway", "cluster": "ma-gateway"}
+    discovered = dynamic.http_filter(example)
+    # Exactly this: in particular no `default_config` (fail closed, see the example's header).
+    assert discovered == {"name": "ma_gateway", "config_discovery": ECDS_DISCOVERY}
+    filters = dynamic.hcm_of(example)["http_filters"]
+    filters[filters.index(discovered)] = dynamic.http_filter(shipped)
+    assert example == shipped
+    assert " ".join(ECDS_FLAGS) in dynamic.ECDS_EXAMPLE.read_text()
+
+
+def test_ecds_resource_is_the_shipped_filter_config():
+    doc = yaml.safe_load(dynamic.ECDS_RESOURCE.read_text())
+    assert doc["version_info"] == "1"
+    assert doc["resources"] == [{"@type": dynamic.EXTENSION_TYPE, "name": "ma_gateway",
+                                 "typed_config": dynamic.http_filter(_envoy_yaml())["typed_config"]}]
+
+
+def test_ecds_resource_validates_as_the_inline_filter(tmp_path):
+    """`--mode validate` does not read the ECDS file: validate its Wasm filter inline."""
+    config = yaml.safe_load(dynamic.ECDS_EXAMPLE.read_text())
+    filters = dynamic.hcm_of(config)["http_filters"]
+    index = filters.index(dynamic.http_filter(config))
+    filters[index] = {"name": "ma_gateway", "typed_config": dynamic.example_extension_config()["typed_config"]}
+    path = tmp_path / "static-ecds-filter.json"
+    path.write_text(json.dumps(config))
+    result = stack.validate_config(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "config error" not in result.stdout + result.stderr
+
+
+class Poller:
+    """Calls GET /v1/agents without a key on a fixed port every 10 ms from before Envoy starts:
+    what a client sees while the filter config is loading. Outcomes in order, repeats folded."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.outcomes: list[tuple] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stopped.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                conn.request("GET", "/v1/agents", headers={"anthropic-version": "2023-06-01"})
+                resp = conn.getresponse()
+                body = resp.read()
+                error_type = json.loads(body)["error"]["type"] if body else None
+                outcome = (resp.status, error_type)
+            except ConnectionRefusedError:
+                outcome = ("refused",)
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = (type(exc).__name__,)
+            finally:
+                conn.close()
+            if not self.outcomes or self.outcomes[-1] != outcome:
+                self.outcomes.append(outcome)
+            time.sleep(0.01)
+
+    def __enter__(self) -> "Poller":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(0.1)  # a few answers after /ready
+        self.stopped.set()
+        self.thread.join(timeout=10)
+
+
+def start_ecds(emulator, upstream, initial: dict | str,
+               default_config: dict | None = None) -> tuple[dynamic.EcdsEnvoy, Gateway, list[tuple]]:
+    """The ECDS example with the recommended flags; also what a client saw from the start."""
+    port = dynamic.free_port()
+    with Poller(port) as poller:
+        ecds = dynamic.EcdsEnvoy.start(initial, upstream, env=stack.envoy_env(emulator.api_key),
+                                       extra_args=ECDS_FLAGS, listen_port=port,
+                                       default_config=default_config)
+    return ecds, Gateway(ecds.envoy, emulator), poller.outcomes
+
+
+def test_ecds_update_under_load_keeps_streams_and_applies_to_the_next_request(emulator, upstream):
+    ecds, gw, seen = start_ecds(emulator, upstream, dynamic.render_extension_config(
+        upstream=upstream, gateway_keys=KEYS))
     stream = keep = None
     try:
-        assert dynamic.ecds_counters(envoy)["update_success"] == 1
-        sid, stream = open_ticking_stream(gw)
+        # Before the filter config was loaded the port refused connections; the first answer
+        # already came from the filter.
+        assert seen == [("refused",), (401, "authentication_error")], seen
+        assert ecds.counters()["update_success"] == 1
+
+        sid, stream = open_ticking_stream(gw)  # opened with alice's key
         keep = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
-        assert keep_alive_call(keep, KEYS["alice"]) == (200, None)
+        assert keep_alive_call(keep, KEYS["bob"]) == (200, None)
         assert keep_alive_call(keep, NEW_KEY) == (401, None)
 
-        plugin = json.loads(typed_config["config"]["configuration"]["value"])
-        plugin["gateway_keys"] = [{"name": n, "sha256": stack.sha256_hex(k)}
-                                  for n, k in {"alice": KEYS["alice"], "carol": NEW_KEY}.items()]
-        typed_config["config"]["configuration"]["value"] = json.dumps(plugin)
-        before = dynamic.ecds_counters(envoy)
-        dynamic.write_extension_config(tmp_path, typed_config, "2")
-        verdict, took = dynamic.wait_ecds(envoy, before)
+        # The update: carol's key added, alice's (the open stream's) revoked.
+        verdict, took, counters = ecds.update(dynamic.render_extension_config(
+            upstream=upstream, gateway_keys={"bob": KEYS["bob"], "carol": NEW_KEY}))
         updated_at = time.monotonic()
-        print(f"\nECDS update accepted {took * 1000:.0f} ms after the rename")
+        print(f"\nECDS update accepted {took * 1000:.1f} ms after the rename")
         assert verdict == "accepted"
         # The same keep-alive connection: the new config on its very next call, not closed.
         assert keep_alive_call(keep, NEW_KEY) == (200, None)
-        assert keep_alive_call(keep, KEYS["bob"]) == (401, None)
+        assert keep_alive_call(keep, KEYS["alice"]) == (401, None)
         assert gw.call("GET", "/v1/agents", key=NEW_KEY).status == 200
-        assert "listener_manager.listener_in_place_updated: 0" in envoy.admin("/stats?filter=in_place")
+        assert gw.call("GET", "/v1/agents", key=KEYS["alice"]).status == 401
+        # Nothing about the listener changed: nothing in place, nothing draining.
+        listeners = dynamic.listener_manager_counters(ecds.envoy)
+        assert (listeners["listener_in_place_updated"], listeners["listener_modified"],
+                listeners["total_filter_chains_draining"], listeners["total_listeners_draining"]) == (0, 0, 0, 0)
 
-        bad = json.loads(json.dumps(typed_config))
-        bad["config"]["configuration"]["value"] = BAD_PLUGIN
-        before = dynamic.ecds_counters(envoy)
-        dynamic.write_extension_config(tmp_path, bad, "3")
-        verdict, _ = dynamic.wait_ecds(envoy, before)
+        # A config the filter refuses: rejected, the field named, the previous one serving.
+        verdict, took, after_bad = ecds.update(dynamic.render_extension_config(
+            upstream=upstream, gateway_keys={}, raw_plugin=BAD_PLUGIN))
+        print(f"bad plugin JSON rejected {took * 1000:.1f} ms after the rename")
         assert verdict == "rejected"
-        assert BAD_PLUGIN_ERROR in envoy.log()
+        assert after_bad["update_success"] == counters["update_success"]
+        assert BAD_PLUGIN_ERROR in ecds.envoy.log()
+        assert keep_alive_call(keep, NEW_KEY) == (200, None)
+        assert keep_alive_call(keep, KEYS["alice"]) == (401, None)
+
+        # A misspelled Envoy field (here failure_policy, which would silently fall back to
+        # FAIL_CLOSED): rejected thanks to --reject-unknown-dynamic-fields.
+        typo = dynamic.render_extension_config(upstream=upstream, gateway_keys=KEYS)
+        typo["config"]["failure_polcy"] = typo["config"].pop("failure_policy")
+        verdict, _, after_typo = ecds.update(typo)
+        assert verdict == "rejected"
+        assert after_typo["update_rejected"] == after_bad["update_rejected"] + 1
+        assert "no such field: 'failure_polcy'" in " ".join(ecds.envoy.log().split())
+        assert keep_alive_call(keep, KEYS["alice"]) == (401, None)
+        assert gw.call("GET", "/v1/agents", key=NEW_KEY).status == 200
+
+        # Half a file (what an in-place edit can expose): refused as a whole (rejected when it
+        # still parses as YAML, failed when not), the previous config serving.
+        good_text = dynamic.extension_config_text(dynamic.render_extension_config(
+            upstream=upstream, gateway_keys=KEYS), "x")
+        verdict, _, after_cut = ecds.update(good_text[:len(good_text) // 2])
+        assert verdict in {"rejected", "failed"}
+        assert after_cut["update_success"] == counters["update_success"]
+        assert keep_alive_call(keep, KEYS["alice"]) == (401, None)
         assert keep_alive_call(keep, NEW_KEY) == (200, None)
 
+        # The stream opened before all four: every tick, a normal end, exact usage, although
+        # its key was revoked (an update applies to requests that start after it).
         stream.wait(lambda s: "session.status_idle" in s.names(), 30, "the turn to end on the stream")
+        after = [name for at, name in stream.events if at > updated_at]
+        print(f"stream across the updates: {stream.count('agent.message')} ticks, "
+              f"{after.count('agent.message')} after the first; still open: {stream.ended_at is None}")
         assert stream.count("agent.message") == TICKS
-        assert any(at > updated_at for at, name in stream.events if name == "agent.message")
-        assert stream.ended_at is None
+        assert after.count("agent.message") >= 1
+        assert after[-3:] == ["span.model_request_end", "session.usage", "session.status_idle"]
+        assert stream.ended_at is None, f"the stream was closed: {stream.error}"
         truth = emulator.usage(sid)
-        assert tokens(gw)["output"] == truth["output_tokens"]
+        expected = {"input": truth["input_tokens"], "output": truth["output_tokens"],
+                    "cache_read": truth["cache_read_input_tokens"],
+                    "cache_write": truth["cache_creation_input_tokens"]}
+        assert truth["model_requests"] == 1
+        assert tokens(gw) == {kind: n for kind, n in expected.items() if n}
     finally:
         for conn in (stream, keep):
             if conn:
                 conn.close()
-        envoy.stop()
+        ecds.stop()
+
+
+def test_ecds_invalid_file_at_startup_fails_closed_until_a_valid_one_is_renamed_in(emulator, upstream):
+    """No default_config: with no loadable filter config Envoy still starts, and answers every
+    call itself (500, empty body); nothing reaches upstream, no call skips the filter."""
+    forwarded = len(emulator.requests())
+    ecds, gw, seen = start_ecds(emulator, upstream, dynamic.render_extension_config(
+        upstream=upstream, gateway_keys=KEYS, raw_plugin=BAD_PLUGIN))
+    try:
+        assert seen == [("refused",), (500, None)], seen
+        counters = ecds.counters()
+        assert (counters["update_success"], counters["update_rejected"]) == (0, 1)
+        assert BAD_PLUGIN_ERROR in ecds.envoy.log()
+        for key in (KEYS["alice"], None):
+            reply = gw.call("GET", "/v1/agents", key=key)
+            assert (reply.status, reply.body) == (500, b"")
+        reply = gw.call("POST", "/v1/messages", body={"model": "claude-sonnet-4-6", "max_tokens": 1})
+        assert (reply.status, reply.body) == (500, b"")
+        assert len(emulator.requests()) == forwarded, "a call reached upstream without the filter"
+
+        verdict, took, _ = ecds.update(dynamic.render_extension_config(upstream=upstream, gateway_keys=KEYS))
+        print(f"\nvalid ECDS file accepted {took * 1000:.1f} ms after the rename")
+        assert verdict == "accepted"
+        assert gw.call("GET", "/v1/agents", key=KEYS["alice"]).status == 200
+        assert gw.call("GET", "/v1/agents", key=None).status == 401
+    finally:
+        ecds.stop()
+
+
+def test_a_default_config_would_serve_silently_despite_an_invalid_file(emulator, upstream):
+    """Why the example has no default_config: with one (here the shipped config, with alice's
+    and bob's keys), an invalid ECDS file at startup is rejected just the same, but calls are
+    served on the default, e.g. with a key the file no longer lists."""
+    revoking = dynamic.render_extension_config(upstream=upstream, gateway_keys={"bob": KEYS["bob"]})
+    revoking["config"]["configuration"]["value"] = BAD_PLUGIN
+    ecds, gw, seen = start_ecds(emulator, upstream, revoking, default_config=dynamic.render_extension_config(
+        upstream=upstream, gateway_keys=KEYS))
+    try:
+        assert seen == [("refused",), (401, "authentication_error")], seen
+        assert ecds.counters()["update_rejected"] == 1
+        assert gw.call("GET", "/v1/agents", key=KEYS["alice"]).status == 200
+    finally:
+        ecds.stop()

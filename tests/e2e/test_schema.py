@@ -2,8 +2,9 @@
 src/config_schema.rs) against everything that configures the filter.
 
 - Every plugin config the repository ships is valid against the schema: the example JSON files,
-  the StringValue of envoy.yaml and examples/*.envoy.yaml, the Istio WasmPlugin `pluginConfig`
-  (YAML), and the `config` of every Envoy Gateway / AI Gateway EnvoyExtensionPolicy.
+  the StringValue of envoy.yaml, examples/*.envoy.yaml and the xDS resource files
+  (examples/ecds/, examples/lds/), the Istio WasmPlugin `pluginConfig` (YAML), and the
+  `config` of every Envoy Gateway / AI Gateway EnvoyExtensionPolicy.
 - The filter's own parser accepts them too: tests/config_schema.rs parses every config written
   as JSON text; the YAML-written ones are converted here and loaded into the real filter with
   `envoy --mode validate`, the way Istio hands them over.
@@ -76,6 +77,14 @@ def shipped_plugin_configs() -> list[tuple[str, dict, bool]]:
         assert values, f"no plugin StringValue in {_relative(path)}"
         for i, value in enumerate(values):
             shipped.append((f"{_relative(path)} (StringValue {i})", json.loads(value), False))
+    # xDS resource files served from a watched directory: the ECDS filter config and the LDS
+    # listener (examples/ecds/, examples/lds/).
+    for path in sorted(EXAMPLES.glob("ecds/*.yaml")) + sorted(EXAMPLES.glob("lds/*.yaml")):
+        values = []
+        _plugin_string_values(yaml.safe_load(path.read_text()), values, set())
+        assert values, f"no plugin StringValue in {_relative(path)}"
+        for i, value in enumerate(values):
+            shipped.append((f"{_relative(path)} (StringValue {i})", json.loads(value), False))
     for path in sorted(EXAMPLES.glob("istio/*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "WasmPlugin":
@@ -97,6 +106,8 @@ def test_every_kind_of_shipped_config_is_found():
         "examples/plugin-config.json",
         "examples/plugin-config.minimal.json",
         "envoy.yaml (StringValue 0)",
+        "examples/ecds/ma_gateway.yaml (StringValue 0)",
+        "examples/lds/listener.yaml (StringValue 0)",
         "examples/istio/wasmplugin.yaml (pluginConfig)",
         "examples/envoy-gateway/extension-policy.yaml (wasm config 0)",
         "examples/ai-gateway/managed-agents.yaml (wasm config 0)",

@@ -1,10 +1,14 @@
-"""Envoy with its listener from LDS (a watched file): examples/dynamic-lds.envoy.yaml.
+"""Envoy with its plugin config from a watched file: through ECDS (examples/dynamic-ecds.envoy.yaml
+and examples/ecds/ma_gateway.yaml, the recommended way: see the end of this module) or through
+LDS (examples/dynamic-lds.envoy.yaml).
 
-`render` turns the example bootstrap and its LDS file (examples/lds/listener.yaml) into a test
-stack: a free listener port, admin on port 0, the emulator as upstream, the given gateway keys
-and plugin overrides, and the LDS file in a directory of its own. `DynamicEnvoy.update` writes a
-new listener the way an operator should (a sibling file renamed over the watched one) and waits
-for Envoy's LDS counters to move, never for a fixed time.
+LDS: `render_listener` and `render_bootstrap` turn the example bootstrap and its LDS file
+(examples/lds/listener.yaml) into a test stack: a free listener port, admin on port 0, the
+emulator as upstream, the given gateway keys and plugin overrides, and the LDS file in a
+directory of its own. `DynamicEnvoy.update` writes a new listener the way an operator should (a
+sibling file renamed over the watched one) and waits for Envoy's LDS counters to move, never for
+a fixed time. ECDS: the same with the filter's config (`render_extension_config`,
+`render_ecds_bootstrap`, `EcdsEnvoy.start` and `EcdsEnvoy.update`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -51,18 +56,11 @@ def plugin_config(listener: dict) -> dict:
     return json.loads(wasm_filter(listener)["configuration"]["value"])
 
 
-def render_listener(listener: dict, *, port: int, upstream: stack.Upstream, gateway_keys: dict[str, str],
-                    plugin_overrides: dict | None = None, wasm_path: Path = stack.WASM,
-                    audit_path: Path | None = None, raw_plugin: str | None = None) -> dict:
-    """The example listener with this stack's port, Wasm path, upstream authority and keys;
-    `raw_plugin` replaces the plugin JSON text verbatim (bad-config tests)."""
-    listener = copy.deepcopy(listener)
-    listener["address"]["socket_address"]["port_value"] = port
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    for log in hcm["access_log"]:
-        if log["name"] == "envoy.access_loggers.file":
-            log["typed_config"]["path"] = str(audit_path) if audit_path else "/dev/null"
-    wasm = wasm_filter(listener)
+def render_wasm(wasm: dict, *, upstream: stack.Upstream, gateway_keys: dict[str, str],
+                plugin_overrides: dict | None = None, wasm_path: Path = stack.WASM,
+                raw_plugin: str | None = None):
+    """In place: a Wasm filter `config` with this stack's module path, upstream authority, keys
+    and overrides; `raw_plugin` replaces the plugin JSON text verbatim (bad-config tests)."""
     wasm["vm_config"]["code"]["local"]["filename"] = str(wasm_path)
     plugin = json.loads(wasm["configuration"]["value"])
     plugin["upstream"]["authority"] = upstream.authority
@@ -73,17 +71,31 @@ def render_listener(listener: dict, *, port: int, upstream: stack.Upstream, gate
         else:
             plugin[key] = value
     wasm["configuration"]["value"] = raw_plugin if raw_plugin is not None else json.dumps(plugin)
+
+
+def _render_audit_log(hcm: dict, audit_path: Path | None):
+    for log in hcm["access_log"]:
+        if log["name"] == "envoy.access_loggers.file":
+            log["typed_config"]["path"] = str(audit_path) if audit_path else "/dev/null"
+
+
+def render_listener(listener: dict, *, port: int, upstream: stack.Upstream, gateway_keys: dict[str, str],
+                    plugin_overrides: dict | None = None, wasm_path: Path = stack.WASM,
+                    audit_path: Path | None = None, raw_plugin: str | None = None) -> dict:
+    """The example listener with this stack's port, Wasm path, upstream authority and keys;
+    `raw_plugin` replaces the plugin JSON text verbatim (bad-config tests)."""
+    listener = copy.deepcopy(listener)
+    listener["address"]["socket_address"]["port_value"] = port
+    _render_audit_log(listener["filter_chains"][0]["filters"][0]["typed_config"], audit_path)
+    render_wasm(wasm_filter(listener), upstream=upstream, gateway_keys=gateway_keys,
+                plugin_overrides=plugin_overrides, wasm_path=wasm_path, raw_plugin=raw_plugin)
     return listener
 
 
-def render_bootstrap(*, lds_dir: Path, upstream: stack.Upstream, wasm_path: Path = stack.WASM) -> dict:
-    """The example bootstrap: admin on port 0, LDS from `lds_dir`, the `anthropic` cluster to
-    `upstream` (plain HTTP to the emulator), the reconciler on the same Wasm."""
-    config = yaml.safe_load(EXAMPLE.read_text())
+def _render_static_parts(config: dict, *, upstream: stack.Upstream, wasm_path: Path):
+    """In place, for both examples: admin on port 0, the `anthropic` cluster to `upstream`
+    (plain HTTP to the emulator), the reconciler on the given module."""
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
-    lds = config["dynamic_resources"]["lds_config"]["path_config_source"]
-    lds["path"] = str(lds_dir / "listener.yaml")
-    lds["watched_directory"]["path"] = str(lds_dir)
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "anthropic")
     cluster["type"] = "STATIC"
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
@@ -97,6 +109,16 @@ def render_bootstrap(*, lds_dir: Path, upstream: stack.Upstream, wasm_path: Path
     plugin = json.loads(service["configuration"]["value"])
     plugin["upstream"]["authority"] = upstream.authority
     service["configuration"]["value"] = json.dumps(plugin)
+
+
+def render_bootstrap(*, lds_dir: Path, upstream: stack.Upstream, wasm_path: Path = stack.WASM) -> dict:
+    """The example bootstrap: admin on port 0, LDS from `lds_dir`, the `anthropic` cluster to
+    `upstream` (plain HTTP to the emulator), the reconciler on the same Wasm."""
+    config = yaml.safe_load(EXAMPLE.read_text())
+    lds = config["dynamic_resources"]["lds_config"]["path_config_source"]
+    lds["path"] = str(lds_dir / "listener.yaml")
+    lds["watched_directory"]["path"] = str(lds_dir)
+    _render_static_parts(config, upstream=upstream, wasm_path=wasm_path)
     return config
 
 
@@ -106,6 +128,16 @@ def write_listener(lds_dir: Path, listener: dict, version: str):
     staged = lds_dir / f".listener.yaml.{version}"
     staged.write_text(yaml.safe_dump(doc, sort_keys=False))
     os.replace(staged, lds_dir / "listener.yaml")
+
+
+def listener_manager_counters(envoy: stack.Envoy) -> dict[str, int]:
+    """Envoy's listener_manager.* counters and gauges (LDS updates, in-place updates, drains)."""
+    out = {}
+    for line in envoy.admin("/stats?filter=^listener_manager\\.").splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name.removeprefix("listener_manager.")] = int(value)
+    return out
 
 
 @dataclass
@@ -126,12 +158,7 @@ class DynamicEnvoy:
         return cls(envoy, lds_dir)
 
     def counters(self) -> dict[str, int]:
-        out = {}
-        for line in self.envoy.admin("/stats?filter=^listener_manager\\.").splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().isdigit():
-                out[name.removeprefix("listener_manager.")] = int(value)
-        return out
+        return listener_manager_counters(self.envoy)
 
     def update(self, listener: dict, timeout: float = 30) -> tuple[str, float, dict[str, int]]:
         """Pushes a new listener; waits until Envoy accepted or rejected it. Returns
@@ -152,40 +179,82 @@ class DynamicEnvoy:
 
     def stop(self):
         self.envoy.stop()
+        shutil.rmtree(self.lds_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# ECDS: the Wasm filter's config alone from a watched file (no listener change, no drain)
+# ECDS: the Wasm filter's config alone from a watched file (examples/dynamic-ecds.envoy.yaml and
+# examples/ecds/ma_gateway.yaml); no listener change, nothing drained
 # ---------------------------------------------------------------------------------------------
 
+ECDS_EXAMPLE = stack.ROOT / "examples" / "dynamic-ecds.envoy.yaml"
+ECDS_RESOURCE = stack.ROOT / "examples" / "ecds" / "ma_gateway.yaml"
 EXTENSION_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 
 
-def to_ecds(config: dict, ecds_dir: Path) -> dict:
-    """A rendered envoy.yaml (stack.render_envoy_config) whose `ma_gateway` HTTP filter is
-    fetched by ECDS from `ecds_dir/ma_gateway.yaml` instead of being inline. Returns the
-    filter's typed_config (written as version 1)."""
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    index = next(i for i, f in enumerate(hcm["http_filters"]) if f["name"] == "ma_gateway")
-    typed_config = hcm["http_filters"][index]["typed_config"]
-    hcm["http_filters"][index] = {"name": "ma_gateway", "config_discovery": {
-        "config_source": {"resource_api_version": "V3", "path_config_source": {
-            "path": str(ecds_dir / "ma_gateway.yaml"), "watched_directory": {"path": str(ecds_dir)}}},
-        "type_urls": [WASM_FILTER_TYPE],
-    }}
-    config.setdefault("node", {"id": "ma-gateway", "cluster": "ma-gateway"})
-    write_extension_config(ecds_dir, typed_config, "1")
+def example_extension_config() -> dict:
+    """The shipped ECDS resource (a TypedExtensionConfig: `@type`, `name`, `typed_config`)."""
+    doc = yaml.safe_load(ECDS_RESOURCE.read_text())
+    (resource,) = doc["resources"]
+    return resource
+
+
+def hcm_of(config: dict) -> dict:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def http_filter(config: dict, name: str = "ma_gateway") -> dict:
+    return next(f for f in hcm_of(config)["http_filters"] if f["name"] == name)
+
+
+def render_extension_config(*, upstream: stack.Upstream, gateway_keys: dict[str, str],
+                            plugin_overrides: dict | None = None, wasm_path: Path = stack.WASM,
+                            raw_plugin: str | None = None) -> dict:
+    """The shipped ECDS resource's `typed_config` (the Wasm filter) for this stack."""
+    typed_config = copy.deepcopy(example_extension_config()["typed_config"])
+    render_wasm(typed_config["config"], upstream=upstream, gateway_keys=gateway_keys,
+                plugin_overrides=plugin_overrides, wasm_path=wasm_path, raw_plugin=raw_plugin)
     return typed_config
 
 
-def write_extension_config(ecds_dir: Path, typed_config: dict, version: str):
-    """Atomically replaces the watched ECDS file."""
-    doc = {"version_info": version, "resources": [
-        {"@type": EXTENSION_TYPE, "name": "ma_gateway", "typed_config": typed_config}]}
-    staged = ecds_dir / f".ma_gateway.yaml.{version}"
-    staged.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(staged, ecds_dir / "ma_gateway.yaml")
+def render_ecds_bootstrap(*, ecds_dir: Path, upstream: stack.Upstream, wasm_path: Path = stack.WASM,
+                          audit_path: Path | None = None, listen_port: int = 0,
+                          default_config: dict | None = None) -> dict:
+    """The shipped ECDS bootstrap: listener on `listen_port` (any by default), admin on port 0,
+    the filter's config discovered from `ecds_dir/ma_gateway.yaml`, the `anthropic` cluster to
+    `upstream`, the reconciler on `wasm_path`. `default_config` adds one (the example
+    deliberately has none: test_config_reload.py shows why)."""
+    config = yaml.safe_load(ECDS_EXAMPLE.read_text())
+    config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listen_port
+    _render_audit_log(hcm_of(config), audit_path)
+    discovery = http_filter(config)["config_discovery"]
+    if default_config is not None:
+        discovery["default_config"] = default_config
+    source = discovery["config_source"]["path_config_source"]
+    source["path"] = str(ecds_dir / ECDS_RESOURCE.name)
+    source["watched_directory"]["path"] = str(ecds_dir)
+    _render_static_parts(config, upstream=upstream, wasm_path=wasm_path)
+    return config
+
+
+def extension_config_text(typed_config: dict, version: str) -> str:
+    """The ECDS file, as examples/ecds/ma_gateway.yaml lays it out."""
+    resource = {**example_extension_config(), "typed_config": typed_config}
+    return yaml.safe_dump({"version_info": version, "resources": [resource]}, sort_keys=False)
+
+
+def stage_extension_config(ecds_dir: Path, text: str, version: str) -> Path:
+    """Writes the next ECDS file next to the watched one (Envoy does not look at it yet)."""
+    staged = ecds_dir / f".{ECDS_RESOURCE.name}.{version}"
+    staged.write_text(text)
+    return staged
+
+
+def write_extension_config(ecds_dir: Path, text: str, version: str):
+    """Atomically replaces the watched ECDS file (write a sibling, rename over), as the
+    example's header tells operators to."""
+    os.replace(stage_extension_config(ecds_dir, text, version), ecds_dir / ECDS_RESOURCE.name)
 
 
 def ecds_counters(envoy: stack.Envoy, name: str = "ma_gateway") -> dict[str, int]:
@@ -198,14 +267,56 @@ def ecds_counters(envoy: stack.Envoy, name: str = "ma_gateway") -> dict[str, int
     return out
 
 
-def wait_ecds(envoy: stack.Envoy, before: dict[str, int], timeout: float = 30) -> tuple[str, float]:
-    """Waits until an ECDS push after `before` was accepted or rejected."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        now = ecds_counters(envoy)
-        if now.get("update_success", 0) > before.get("update_success", 0):
-            return "accepted", time.monotonic() - started
-        if now.get("update_rejected", 0) > before.get("update_rejected", 0):
-            return "rejected", time.monotonic() - started
-        time.sleep(0.02)
-    raise TimeoutError(f"ECDS update neither accepted nor rejected in {timeout}s: {ecds_counters(envoy)}")
+@dataclass
+class EcdsEnvoy:
+    envoy: stack.Envoy
+    ecds_dir: Path
+    versions: int = 1
+
+    @classmethod
+    def start(cls, initial: dict | str, upstream: stack.Upstream, *, env: dict[str, str],
+              extra_args: list[str] | None = None, wasm_path: Path = stack.WASM,
+              audit_path: Path | None = None, listen_port: int = 0, concurrency: int = 2,
+              default_config: dict | None = None) -> "EcdsEnvoy":
+        """`initial`: the filter's typed_config (written as version 1), or the file's raw text."""
+        ecds_dir = Path(tempfile.mkdtemp(prefix="ma-gateway-ecds-"))
+        text = initial if isinstance(initial, str) else extension_config_text(initial, "1")
+        write_extension_config(ecds_dir, text, "1")
+        config = render_ecds_bootstrap(ecds_dir=ecds_dir, upstream=upstream, wasm_path=wasm_path,
+                                       audit_path=audit_path, listen_port=listen_port,
+                                       default_config=default_config)
+        envoy = stack.Envoy(config=config, env=env, concurrency=concurrency, extra_args=list(extra_args or []))
+        try:
+            envoy.start()
+        except BaseException:
+            shutil.rmtree(ecds_dir, ignore_errors=True)
+            raise
+        return cls(envoy, ecds_dir)
+
+    def counters(self) -> dict[str, int]:
+        return ecds_counters(self.envoy)
+
+    def update(self, typed_config: dict | str, timeout: float = 30) -> tuple[str, float, dict[str, int]]:
+        """Pushes a new filter config (or raw file text) the way an operator should; waits until
+        Envoy took it. Returns ("accepted" | "rejected" | "failed" (unreadable file), seconds
+        from the rename to the counter, counters after)."""
+        before = self.counters()
+        self.versions += 1
+        version = str(self.versions)
+        text = typed_config if isinstance(typed_config, str) else extension_config_text(typed_config, version)
+        staged = stage_extension_config(self.ecds_dir, text, version)
+        started = time.monotonic()
+        os.replace(staged, self.ecds_dir / ECDS_RESOURCE.name)
+        deadline = started + timeout
+        verdicts = {"update_success": "accepted", "update_rejected": "rejected", "update_failure": "failed"}
+        while time.monotonic() < deadline:
+            now = self.counters()
+            for counter, verdict in verdicts.items():
+                if now.get(counter, 0) > before.get(counter, 0):
+                    return verdict, time.monotonic() - started, now
+            time.sleep(0.005)
+        raise TimeoutError(f"ECDS update {version} neither accepted nor rejected in {timeout}s: {self.counters()}")
+
+    def stop(self):
+        self.envoy.stop()
+        shutil.rmtree(self.ecds_dir, ignore_errors=True)
