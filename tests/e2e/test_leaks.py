@@ -166,15 +166,14 @@ def test_credentials_in_every_spelling_are_stripped(sweep, world):
         {"x-api-key": ALICE, "cookie": COOKIE, "proxy-authorization": PROXY_AUTH},
         {"x-api-key": ALICE, "authorization": PROXY_AUTH},
     ]
-    for headers in cases:
-        reply = sweep.call("GET", f"/v1/sessions/{sid}", key=None, headers=headers)
-        assert reply.status in (200, 401), (headers, reply.status)
-    # Two x-api-key lines, one valid: never forwarded either way.
-    raw = sweep.raw(head("GET", "/v1/agents?limit=1", [("x-api-key", JUNK_KEY)]))
-    assert status_of(raw) in (200, 401)
-    raw = sweep.raw(head("GET", "/v1/agents?limit=1", [("authorization", f"Bearer {ALICE}"),
-                                                       ("authorization", f"Bearer {JUNK_KEY}")], key=None))
-    assert status_of(raw) in (200, 401)
+    statuses = [sweep.call("GET", f"/v1/sessions/{sid}", key=None, headers=h).status for h in cases]
+    # Two x-api-key lines, or two authorization lines, one valid: never forwarded either way.
+    statuses.append(status_of(sweep.raw(head("GET", "/v1/agents?limit=1", [("x-api-key", JUNK_KEY)]))))
+    statuses.append(status_of(sweep.raw(head("GET", "/v1/agents?limit=1", [
+        ("authorization", f"Bearer {ALICE}"), ("authorization", f"Bearer {JUNK_KEY}")], key=None))))
+    # Every spelling of a valid key authenticates and is stripped; of two authorization lines
+    # the gateway reads one, the junk one here (401); nothing client-side is forwarded.
+    assert statuses == [200, 200, 200, 200, 200, 200, 200, 200, 401]
 
 
 def test_every_refusal(sweep, world):
@@ -277,6 +276,10 @@ def test_hop_by_hop_headers(sweep):
     statuses = []
     for headers in HOP_BY_HOP:
         statuses.append(status_of(sweep.raw(head("GET", "/v1/agents?limit=1", headers))))
+    # `Connection: x-api-key` makes Envoy drop the client's key before the filter runs (401,
+    # never the injected key); a websocket upgrade is refused by Envoy (403, not configured);
+    # an h2c upgrade is ignored. The rest are served with only the injected key.
+    assert statuses == [401, 200, 200, 200, 200, 403, 200, 200, 200]
     forwarded = sweep.gw.emulator.requests()
     for request in forwarded:
         names = [n for n, _ in request["headers"]]
@@ -305,40 +308,44 @@ SMUGGLING = [
 def test_transfer_encoding_tricks(sweep):
     sweep.drain_upstream()
     smuggled = b"0\r\n\r\nGET /_emulator/requests HTTP/1.1\r\nhost: x\r\n\r\n"
-    for headers in SMUGGLING:
-        raw = sweep.raw(head("POST", "/v1/agents", headers, body=smuggled))
-        assert status_of(raw) in (0, 400, 401, 404, 413, 501), (headers, raw[:200])
+    statuses = [status_of(sweep.raw(head("POST", "/v1/agents", h, body=smuggled))) for h in SMUGGLING]
+    # Envoy's codec refuses every ambiguous framing (400) or unknown coding (501).
+    assert statuses == [400, 501, 501, 400, 400, 400, 400]
     assert [r for r in sweep.gw.emulator.requests() if not r["path"].startswith("/v1/")] == []
     sweep.drain_upstream()
 
 
+# (path, status): encoded dot segments and slashes are refused by the filter (404), as are
+# `;` parameters and backslashes; NUL and non-ASCII bytes and `*` by Envoy's codec (400); a
+# 70 KB path exceeds Envoy's header limit (431). Merged slashes and a percent-encoded CR LF
+# in the query (forwarded untouched, still encoded) are ordinary calls (200).
 PATHS = [
-    "/v1/agents/..%2F..%2F_emulator/requests",
-    "/v1/agents/%2e%2e/%2e%2e/_emulator/requests",
-    "/%2e%2e/_emulator/requests",
-    "/v1/./agents/../../_emulator/usage/x",
-    "/v1/agents%00",
-    "/v1/agents;x=y",
-    "/v1/agents\\..\\..\\_emulator",
-    "/v1/sessions/%2e%2e/agents/../../_emulator/faults",
-    "http://evil.example/_emulator/requests",
-    "*",
-    "/v1/agents/" + "a" * 70_000,
-    "/v1/" + "/" * 3000 + "agents",
-    "/v1/agents?x=" + "%0d%0ax-api-key:%20injected",
-    "/v1/sessions/sesn_x/events/stream/../../../../_emulator/requests",
-    "/v1/%5fEMULATOR",
-    "/v1/agents/\xff",
+    ("/v1/agents/..%2F..%2F_emulator/requests", 404),
+    ("/v1/agents/%2e%2e/%2e%2e/_emulator/requests", 404),
+    ("/%2e%2e/_emulator/requests", 404),
+    ("/v1/./agents/../../_emulator/usage/x", 404),
+    ("/v1/agents%00", 400),
+    ("/v1/agents;x=y", 404),
+    ("/v1/agents\\..\\..\\_emulator", 404),
+    ("/v1/sessions/%2e%2e/agents/../../_emulator/faults", 404),
+    ("http://evil.example/_emulator/requests", 404),
+    ("*", 400),
+    ("/v1/agents/" + "a" * 70_000, 431),
+    ("/v1/" + "/" * 3000 + "agents", 200),
+    ("/v1/agents?x=" + "%0d%0ax-api-key:%20injected", 200),
+    ("/v1/sessions/sesn_x/events/stream/../../../../_emulator/requests", 404),
+    ("/v1/%5fEMULATOR", 404),
+    ("/v1/agents/\xff", 400),
 ]
 
 
 def test_path_attacks_never_leave_v1(sweep):
     sweep.drain_upstream()
-    for path in PATHS:
+    for path, status in PATHS:
         raw = sweep.raw(f"GET {path} HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\nx-api-key: {ALICE}\r\n"
                         f"anthropic-beta: {MANAGED_AGENTS_BETA}\r\nanthropic-version: 2023-06-01\r\n\r\n"
                         .encode("latin-1"))
-        assert status_of(raw) in (0, 200, 400, 404, 414, 431), (path[:80], raw[:200])
+        assert status_of(raw) == status, (path[:60], raw[:200])
     forwarded = sweep.gw.emulator.requests()
     assert [r["path"] for r in forwarded if not r["path"].startswith("/v1/")] == []
     assert all("_emulator" not in r["path"].lower() for r in forwarded), forwarded
