@@ -416,6 +416,18 @@ NOOP_DIR = stack.ROOT / "tests" / "bench" / "noop_filter"
 NOOP_WASM = BENCH_DIR / "noop-target" / "wasm32-wasip1" / "release" / "ma_bench_noop_filter.wasm"
 
 
+# What ma-gateway asks of Envoy on one `GET /v1/agents/{id}` with the full config (read from
+# src/host: request header map, 7 audit properties, header edits incl. the 2 rate-limit
+# descriptors, credential + owner + 2 token buckets + budget reads, 2 bucket writes, clock
+# reads, :status, 3 x-ratelimit-* headers, the JSON response buffered to strip the owner tag,
+# 3 metric updates in on_log).
+HOSTCALLS = ("get_headers=1,set_property=7,header_edits=7,shared_get=6,shared_set=2,time=4,status=1,"
+             "add_response_headers=3,rewrite_body=1,metrics=3")
+HOSTCALLS_LABEL = ("1 header-map read, 7 set_property, 8 header edits, 6 shared-data reads, 2 writes, "
+                   "4 clock reads, :status read, 3 response headers, response body buffered, read and "
+                   "written back, 3 metric updates")
+
+
 def build_noop() -> str | None:
     """Builds the do-nothing proxy-wasm module (tests/bench/noop_filter); returns an error."""
     res = subprocess.run(
@@ -469,6 +481,11 @@ def variant_configs(emulator: stack.Emulator, audit_dir: Path, *, with_o3: bool)
         },
     })
     out["A1+noop-wasm"] = ("A1 + a proxy-wasm filter that does nothing (V8), no logs", cfg)
+    cfg = copy.deepcopy(cfg)
+    noop = _hcm(cfg)["http_filters"][0]["typed_config"]["config"]
+    noop["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": HOSTCALLS}
+    out["A1+hostcalls"] = ("A1 + a Wasm filter making the gateway's hostcalls for this call and nothing "
+                           "else (" + HOSTCALLS_LABEL + "), no logs", cfg)
     cfg = full_config(emulator, RUNTIMES["A3"], audit_dir / "V-nologs.log")
     _hcm(cfg).pop("access_log", None)
     out["A3-no-logs"] = ("A3 without the access logs (filter only)", cfg)

@@ -344,11 +344,11 @@ class Bench:
         if o3_err:
             self.notes.append(o3_err)
         if self.p.smoke:  # checks the machinery only: one variant
-            configs = {k: v for k, v in configs.items() if k == "A1+noop-wasm"}
+            configs = {k: v for k, v in configs.items() if k == "A1+hostcalls"}
         for name, (label, config) in configs.items():
             self.variant_labels[name] = label
-            if (name == "A1+noop-wasm" and err) or (name == "A3-opt-level-3" and o3_err):
-                arm = A.Arm(name=name, label=label, error=err if name == "A1+noop-wasm" else o3_err)
+            if (name.startswith("A1+") and name != "A1+logs" and err) or (name == "A3-opt-level-3" and o3_err):
+                arm = A.Arm(name=name, label=label, error=err if name.startswith("A1+") else o3_err)
             else:
                 log(f"starting variant {name}")
                 gateway = name.startswith("A3")
@@ -624,8 +624,8 @@ def build_report(bench: Bench, m: dict, scanner: dict, elapsed: float) -> tuple[
         sat = {k: [x["sat"] for x in v] for k, v in bd.items()}
         paced = {k: [x["paced"] for x in v] for k, v in bd.items()}
         labels = {"A1": "router only", "A3": "full config (as in A3 above)", **bench.variant_labels}
-        for name in ["A1", "A1+logs", "A1+noop-wasm", "A3-minimal", "A3-no-limits", "A3-no-logs", "A3",
-                     "A3-opt-level-3"]:
+        for name in ["A1", "A1+logs", "A1+noop-wasm", "A1+hostcalls", "A3-minimal", "A3-no-limits",
+                     "A3-no-logs", "A3", "A3-opt-level-3"]:
             v = next((a for a in bench.variants if a.name == name), None)
             if v is not None and not v.ok:
                 w(f"| {name} | {labels.get(name, '')} | did not run: {v.error[:150]} | | | | | |")
