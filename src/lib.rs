@@ -37,6 +37,7 @@ pub mod scopes;
 pub mod sha256;
 pub mod sse;
 pub mod store;
+pub mod tag_strip;
 pub mod tenancy;
 pub mod time;
 pub mod usage;

@@ -27,6 +27,7 @@ use serde_json::{Map, Value};
 use crate::errors::{excerpt, ApiError, ErrorKind};
 use crate::routes::{Action, Family, IdKind, Operation};
 use crate::store::{self, Store, StoreError};
+use crate::tag_strip;
 
 /// The `metadata` key that records the owning tenant unless configured otherwise.
 pub const DEFAULT_TAG_KEY: &str = "ma_gateway_tenant";
@@ -566,6 +567,21 @@ pub fn rewrite_response(
         return Ok(out);
     }
     let owned_list = matches!(scope, Scope::Owned(_)) && op.action == Action::List;
+    if !owned_list {
+        // Fast path for single objects: one pass over the bytes, no `Value` (see tag_strip);
+        // `None` means it could not be sure, and the `Value` path below decides.
+        if let Some(fast) = tag_strip::strip(body, ownership.tag_key) {
+            if let Scope::Owned(kind) = scope {
+                if op.action != Action::Delete {
+                    let owner = fast.owner.map_or(Owner::Untagged, Owner::Tenant);
+                    let id = fast.id.as_deref();
+                    check_single(op, kind, id, &owner, tenant, ownership, store, &mut out)?;
+                }
+            }
+            out.body = fast.body;
+            return Ok(out);
+        }
+    }
     let unreadable_list = || {
         ApiError::new(
             ErrorKind::Api,
@@ -607,21 +623,8 @@ pub fn rewrite_response(
         } else if value.is_object() && op.action != Action::Delete {
             // Delete answers are markers without metadata: they would read as untagged.
             let owner = Owner::of(&value, ownership.tag_key);
-            learn(&value, kind, &owner, &mut out.cache_errors);
-            let visible = ownership.admits(&owner, tenant);
-            if !visible && op.action == Action::Create {
-                // Created by this call, so it is the caller's: the upstream dropped the tag.
-                log::warn!(
-                    "tenancy: {} created for tenant {tenant} came back without its owner tag",
-                    op.family.as_str()
-                );
-            } else if !visible {
-                let id = op
-                    .id(kind)
-                    .or_else(|| value.get("id").and_then(Value::as_str))
-                    .unwrap_or_default();
-                return Err(not_found(kind, id));
-            }
+            let id = value.get("id").and_then(Value::as_str);
+            check_single(op, kind, id, &owner, tenant, ownership, store, &mut out)?;
         }
     }
     changed |= strip_tags(&mut value, ownership.tag_key);
@@ -634,6 +637,38 @@ pub fn rewrite_response(
         })?);
     }
     Ok(out)
+}
+
+/// A single object of an owned family in a 2xx answer: teaches its owner, and refuses it when
+/// `tenant` may not see it (except on create: the call made it, so it is the caller's).
+#[allow(clippy::too_many_arguments)]
+fn check_single(
+    op: &Operation,
+    kind: IdKind,
+    id: Option<&str>,
+    owner: &Owner,
+    tenant: &str,
+    ownership: &Ownership<'_>,
+    store: &dyn Store,
+    out: &mut ResponseRewrite,
+) -> Result<(), ApiError> {
+    if let Some(id) = id {
+        if is_owned_id(kind, id) && remember_owner(store, id, owner.clone()).is_err() {
+            out.cache_errors += 1;
+        }
+    }
+    let visible = ownership.admits(owner, tenant);
+    if !visible && op.action == Action::Create {
+        // The upstream dropped the tag.
+        log::warn!(
+            "tenancy: {} created for tenant {tenant} came back without its owner tag",
+            op.family.as_str()
+        );
+    } else if !visible {
+        let id = op.id(kind).or(id).unwrap_or_default();
+        return Err(not_found(kind, id));
+    }
+    Ok(())
 }
 
 /// Removes `tag_key` from every `metadata` object at any depth; true when anything went.
