@@ -12,7 +12,7 @@ EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
 DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry wrk nghttp2-client
 
-.PHONY: all run test bench lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
+.PHONY: all run test bench bench-smoke lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
 
 all: build
 
@@ -23,9 +23,17 @@ run: build venv
 ## test: lint, unit and property tests, config validation, and the real-Envoy end-to-end suite
 test: lint unit validate e2e
 
-## bench: native micro-benchmarks; every figure is printed beside a baseline measured in the same run
-bench:
-	cargo run --release --quiet --bin ma-bench
+## bench: every arm side by side, interleaved, in one run (~7 min): A0 emulator, A1 Envoy router,
+## A2 native sse_to_metadata, A3 this filter (V8), A4 Wasmtime/WAMR, A5 LiteLLM pass-through;
+## writes target/bench/report.md and tests/bench/REPORT.md (ratios against same-run baselines)
+bench: build venv
+	cargo build --release --quiet --bin ma-bench
+	$(VENV_PY) -m tests.bench.run
+
+## bench-smoke: < 60 s check that every arm runs and produces numbers; never judges a number (CI)
+bench-smoke: build venv
+	cargo build --release --quiet --bin ma-bench
+	$(VENV_PY) -m tests.bench.run --smoke --no-commit-copy
 
 debs:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
