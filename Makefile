@@ -12,7 +12,7 @@ EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
 DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry wrk nghttp2-client
 
-.PHONY: all run test bench bench-smoke lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
+.PHONY: all run test bench bench-smoke reliability reliability-short lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
 
 all: build
 
@@ -34,6 +34,15 @@ bench: build venv
 bench-smoke: build venv
 	cargo build --release --quiet --bin ma-bench
 	$(VENV_PY) -m tests.bench.run --smoke --no-commit-copy
+
+## reliability: fault and security e2e tests plus a 10-minute mixed-traffic soak, and a 10-minute
+## fuzz of every target; writes target/reliability/report.md (figures for the README table)
+reliability: build venv
+	$(VENV_PY) -m tests.reliability.run
+
+## reliability-short: the same with a 60-second soak (part of `make test`)
+reliability-short: build venv
+	$(VENV_PY) -m tests.reliability.run --short
 
 debs:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -391,10 +391,10 @@ def test_stream_faults(faulty, kind, ended, flags, spans_delivered, rejected):
     ({"status": 500, "message": "boom"}, 500, "-", "api_error"),
     ({"status": 529, "message": "Overloaded"}, 529, "-", "overloaded_error"),
     ({"status": 503}, 503, "-", "api_error"),
-    # No answer at all: Envoy answers 503 itself.
-    ({"kind": "reset"}, 503, "UC", None),
-    # Never answers: the route timeout answers 504.
-    ({"kind": "hang", "hold_ms": 60_000}, 504, "UT", None),
+    # No answer at all: Envoy answers 503 itself (an envelope, by envoy.yaml's local_reply_config).
+    ({"kind": "reset"}, 503, "UC", "api_error"),
+    # Never answers: the route timeout answers 504 (an envelope too).
+    ({"kind": "hang", "hold_ms": 60_000}, 504, "UT", "api_error"),
     # A 200 head, then nothing: the route timeout cuts the body.
     ({"kind": "hang_headers", "hold_ms": 60_000}, 200, "UT", None),
     # Body cut short of its Content-Length.

@@ -369,7 +369,10 @@ def test_envoy_refuses_a_remote_module_whose_sha256_differs(emulator, wasm_serve
         # Fail closed: the route answers 503 from the Wasm filter, nothing reaches upstream.
         token = secrets.token_hex(8)
         status, _, body = probe(envoy.listen_port, token)
-        assert (status, body) == (503, b"")
+        # envoy.yaml's local_reply_config gives Envoy's empty 503 the Anthropic envelope.
+        assert status == 503, body
+        assert json.loads(body)["error"] == {
+            "type": "api_error", "message": "the gateway filter failed on this request; retry"}
         assert not reached_upstream(emulator, token)
         stack._wait_until(lambda: '"details":"wasm_fail_stream"' in envoy.log(), 10, "the access log line")
     finally:
