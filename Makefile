@@ -12,7 +12,7 @@ EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
 DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry wrk nghttp2-client
 
-.PHONY: all run test bench bench-smoke reliability reliability-short lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
+.PHONY: all run test bench bench-smoke reliability reliability-short soak-short lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
 
 all: build
 
@@ -43,6 +43,10 @@ reliability: build venv
 ## reliability-short: the same with a 60-second soak (part of `make test`)
 reliability-short: build venv
 	$(VENV_PY) -m tests.reliability.run --short
+
+## soak-short: 60 s of mixed traffic with faults (the soak of `make reliability`, shortened; part of `make test`)
+soak-short: build venv
+	$(VENV_PY) -m tests.reliability.soak --minutes 1
 
 debs:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
