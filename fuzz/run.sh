@@ -8,7 +8,8 @@
 # which parallel runs would share), nice'd; the committed corpus fuzz/corpus/<t> is read-only
 # seed input, new inputs go to fuzz/work/<t> (not committed), crashes to fuzz/artifacts/<t>.
 # Without nightly: says so, and runs the deterministic stable mutation loop
-# (src/bin/stable_mutate.rs) over the same corpus through the same target functions.
+# (src/bin/stable_mutate.rs) over the same corpus through the same target functions
+# (FUZZ_ENGINE=stable forces it).
 #
 # Prints one machine-readable line per target and a total:
 #   fuzz-summary target=<t> engine=<libfuzzer|stable> execs=<n> findings=<n> corpus=<n>
@@ -26,8 +27,12 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 start=$(date +%s)
 
-if ! cargo +nightly --version >/dev/null 2>&1; then
-  echo "fuzz: no nightly toolchain (cargo +nightly); running the stable mutation loop instead" >&2
+if [ "${FUZZ_ENGINE:-}" = stable ] || ! cargo +nightly --version >/dev/null 2>&1; then
+  if [ "${FUZZ_ENGINE:-}" = stable ]; then
+    echo "fuzz: FUZZ_ENGINE=stable: running the stable mutation loop" >&2
+  else
+    echo "fuzz: no nightly toolchain (cargo +nightly); running the stable mutation loop instead" >&2
+  fi
   cargo build --release --quiet --no-default-features --features stable --bin stable_mutate
   set +e
   out="$(./target/release/stable_mutate "$secs" "${targets[@]}")"
