@@ -748,6 +748,26 @@ mod tests {
             .map(|b| b.map(|b| String::from_utf8(b).unwrap()))
     }
 
+    /// Found by fuzzing (fuzz/ tenancy_request): without serde_json's `float_roundtrip`, a
+    /// re-encoded body carried `3.3333333333333336e+41` for the client's `…332e+41`.
+    #[test]
+    fn tagging_keeps_the_clients_numbers_exactly() {
+        for number in [
+            "3.3333333333333332e+41",
+            "0.1",
+            "1e-300",
+            "123456789.12345678",
+            "-0.0",
+        ] {
+            let body = format!(r#"{{"name":"a","model":"m","x":{number}}}"#);
+            let tagged = tag("POST", "/v1/agents", &body).unwrap().unwrap();
+            let sent: Value = serde_json::from_str(&body).unwrap();
+            let got: Value = serde_json::from_str(&tagged).unwrap();
+            let bits = |v: &Value| v["x"].as_f64().unwrap().to_bits();
+            assert_eq!(bits(&got), bits(&sent), "{number} became {}", got["x"]);
+        }
+    }
+
     fn ids(list: &[(IdKind, &str)]) -> Vec<(IdKind, String)> {
         list.iter().map(|(k, s)| (*k, s.to_string())).collect()
     }
