@@ -12,7 +12,7 @@ EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
 DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry wrk nghttp2-client
 
-.PHONY: all run test bench bench-smoke reliability reliability-short soak-short lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
+.PHONY: all run test bench bench-smoke reliability reliability-short soak-short fuzz fuzz-smoke wasm-test lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
 
 all: build
 
@@ -20,8 +20,9 @@ all: build
 run: build venv
 	@$(VENV_PY) -m tests.harness.run
 
-## test: lint, unit and property tests, config validation, and the real-Envoy end-to-end suite
-test: lint unit validate e2e
+## test: lint, unit and property tests (native and as Wasm), a bounded fuzz, config validation,
+## the real-Envoy end-to-end suite, a 60 s soak and a smoke run of the benchmarks (no timing judged)
+test: lint unit wasm-test fuzz-smoke validate e2e soak-short bench-smoke
 
 ## bench: every arm side by side, interleaved, in one run (~7 min): A0 emulator, A1 Envoy router,
 ## A2 native sse_to_metadata, A3 this filter (V8), A4 Wasmtime/WAMR, A5 LiteLLM pass-through;
@@ -35,10 +36,26 @@ bench-smoke: build venv
 	cargo build --release --quiet --bin ma-bench
 	$(VENV_PY) -m tests.bench.run --smoke --no-commit-copy
 
-## reliability: fault and security e2e tests plus a 10-minute mixed-traffic soak, and a 10-minute
-## fuzz of every target; writes target/reliability/report.md (figures for the README table)
+## reliability: fault and security e2e tests plus a 10-minute mixed-traffic soak (writes
+## target/reliability/report.md, the README table's figures), then every fuzz target for FUZZ_SECONDS
 reliability: build venv
 	$(VENV_PY) -m tests.reliability.run
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+FUZZ_SECONDS ?= 600
+
+## fuzz: every fuzz target for FUZZ_SECONDS each (cargo-fuzz on nightly, else a stable mutation loop)
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+## fuzz-smoke: the bounded fuzz of CI, 5 s per target; fails on any finding
+fuzz-smoke:
+	fuzz/run.sh 5
+
+## wasm-test: the pure core's unit tests compiled to wasm32-unknown-unknown, run under Node
+## (wasm-bindgen-test-runner, installed at the wasm-bindgen version in Cargo.lock)
+wasm-test:
+	tests/wasm/run.sh
 
 ## reliability-short: the same with a 60-second soak (part of `make test`)
 reliability-short: build venv
