@@ -31,7 +31,7 @@ bench: build venv
 	cargo build --release --quiet --bin ma-bench
 	$(VENV_PY) -m tests.bench.run
 
-## bench-smoke: < 60 s check that every arm runs and produces numbers; never judges a number (CI)
+## bench-smoke: ~80 s check that every arm runs and produces numbers; never judges a number (CI)
 bench-smoke: build venv
 	cargo build --release --quiet --bin ma-bench
 	$(VENV_PY) -m tests.bench.run --smoke --no-commit-copy
