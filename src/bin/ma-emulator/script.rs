@@ -579,59 +579,51 @@ impl Turn<'_> {
         if !self.await_streams()? {
             return self.end_request(&start_id, model_usage(text, index, 1));
         }
-        let usage = model_usage(text, index, 1);
-        self.pause();
-        self.with_store(|s| {
-            let id = s.id("sevt_");
-            let now = now_rfc3339();
-            let event = json!({
-                "id": id,
-                "type": "span.model_request_end",
-                "model_request_start_id": start_id,
-                "is_error": false,
-                "model_usage": usage.to_json(),
-                "created_at": now,
-                "processed_at": now,
-            });
+        self.end_request_framed(&start_id, model_usage(text, index, 1), |event| {
             let mut streamed = event.clone();
             streamed["padding"] = json!(TEXT_PLACEHOLDER);
-            let json = streamed.to_string().replace(TEXT_PLACEHOLDER, &body);
-            let frame = Arc::new(sse::format_frame("span.model_request_end", &json));
-            s.emit_with_frame(sid, event, &frame)?;
-            s.truth.entry(sid.to_string()).or_default().record(
-                &id,
-                &usage,
-                ACTIVE_SECONDS_PER_REQUEST,
-            );
-            Some(())
+            streamed.to_string().replace(TEXT_PLACEHOLDER, &body)
         })
     }
 
     /// `emulator:fault truncated`: see the module doc.
     fn truncated_span(&self, text: &str, index: u64) -> Result<(), Gone> {
-        let sid = self.session_id;
         let start_id = self.start_request()?;
-        let usage = model_usage(text, index, 1);
-        self.pause();
-        self.with_store(|s| {
-            let id = s.id("sevt_");
-            let now = now_rfc3339();
-            let event = json!({
-                "id": id,
-                "type": "span.model_request_end",
-                "model_request_start_id": start_id,
-                "is_error": false,
-                "model_usage": usage.to_json(),
-                "created_at": now,
-                "processed_at": now,
-            });
+        self.end_request_framed(&start_id, model_usage(text, index, 1), |event| {
             let json = event.to_string();
             // `…"model_usage":{"` and five more characters: cut inside the usage object.
             const USAGE_KEY: &str = "\"model_usage\":{\"";
             let cut = json
                 .find(USAGE_KEY)
                 .map_or(json.len() / 2, |at| at + USAGE_KEY.len() + 5);
-            let frame = Arc::new(sse::format_frame("span.model_request_end", &json[..cut]));
+            json[..cut].to_string()
+        })
+    }
+
+    /// Like [`Self::end_request`], but streams `data(event)` as the frame's data instead of the
+    /// event itself (the history keeps the event); the usage is recorded in the ground truth
+    /// either way.
+    fn end_request_framed(
+        &self,
+        start_id: &str,
+        usage: ModelUsage,
+        data: impl FnOnce(&Value) -> String,
+    ) -> Result<(), Gone> {
+        let sid = self.session_id;
+        self.pause();
+        self.with_store(|s| {
+            let id = s.id("sevt_");
+            let now = now_rfc3339();
+            let event = json!({
+                "id": id,
+                "type": "span.model_request_end",
+                "model_request_start_id": start_id,
+                "is_error": false,
+                "model_usage": usage.to_json(),
+                "created_at": now,
+                "processed_at": now,
+            });
+            let frame = Arc::new(sse::format_frame("span.model_request_end", &data(&event)));
             s.emit_with_frame(sid, event, &frame)?;
             s.truth.entry(sid.to_string()).or_default().record(
                 &id,
