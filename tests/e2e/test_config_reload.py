@@ -64,6 +64,25 @@ def _envoy_yaml() -> dict:
     return yaml.safe_load(stack.ENVOY_YAML.read_text())
 
 
+def assert_stream_kept(stream, updated_at, emulator, sid, gw):
+    """The stream opened before the update(s): every tick, a normal end, still open, and the
+    turn's usage metered exactly."""
+    stream.wait(lambda s: "session.status_idle" in s.names(), 30, "the turn to end on the stream")
+    after = [name for at, name in stream.events if at > updated_at]
+    print(f"stream across the update(s): {stream.count('agent.message')} ticks, "
+          f"{after.count('agent.message')} after the (first) update; still open: {stream.ended_at is None}")
+    assert stream.count("agent.message") == TICKS
+    assert after.count("agent.message") >= 1
+    assert after[-3:] == ["span.model_request_end", "session.usage", "session.status_idle"]
+    assert stream.ended_at is None, f"the stream was closed: {stream.error}"
+    truth = emulator.usage(sid)
+    expected = {"input": truth["input_tokens"], "output": truth["output_tokens"],
+                "cache_read": truth["cache_read_input_tokens"],
+                "cache_write": truth["cache_creation_input_tokens"]}
+    assert truth["model_requests"] == 1
+    assert tokens(gw) == {kind: n for kind, n in expected.items() if n}
+
+
 def test_example_listener_is_the_shipped_listener():
     shipped = _envoy_yaml()["static_resources"]["listeners"][0]
     listener = dynamic.example_listener()
@@ -181,20 +200,7 @@ def test_config_update_under_load_keeps_streams_and_applies_to_new_requests(emul
         assert gw.call("GET", "/v1/agents", key=KEYS["bob"]).status == 401
 
         # The stream opened before both updates: every tick, a normal end, exact usage.
-        stream.wait(lambda s: "session.status_idle" in s.names(), 30, "the turn to end on the stream")
-        after = [name for at, name in stream.events if at > updated_at]
-        print(f"stream across the update: {stream.count('agent.message')} ticks, "
-              f"{after.count('agent.message')} after the update; still open: {stream.ended_at is None}")
-        assert stream.count("agent.message") == TICKS
-        assert after.count("agent.message") >= 1
-        assert after[-3:] == ["span.model_request_end", "session.usage", "session.status_idle"]
-        assert stream.ended_at is None, f"the stream was closed: {stream.error}"
-        truth = emulator.usage(sid)
-        expected = {"input": truth["input_tokens"], "output": truth["output_tokens"],
-                    "cache_read": truth["cache_read_input_tokens"],
-                    "cache_write": truth["cache_creation_input_tokens"]}
-        assert truth["model_requests"] == 1
-        assert tokens(gw) == {kind: n for kind, n in expected.items() if n}
+        assert_stream_kept(stream, updated_at, emulator, sid, gw)
     finally:
         for conn in (stream, keep):
             if conn:
@@ -398,20 +404,7 @@ def test_ecds_update_under_load_keeps_streams_and_applies_to_the_next_request(em
 
         # The stream opened before all four: every tick, a normal end, exact usage, although
         # its key was revoked (an update applies to requests that start after it).
-        stream.wait(lambda s: "session.status_idle" in s.names(), 30, "the turn to end on the stream")
-        after = [name for at, name in stream.events if at > updated_at]
-        print(f"stream across the updates: {stream.count('agent.message')} ticks, "
-              f"{after.count('agent.message')} after the first; still open: {stream.ended_at is None}")
-        assert stream.count("agent.message") == TICKS
-        assert after.count("agent.message") >= 1
-        assert after[-3:] == ["span.model_request_end", "session.usage", "session.status_idle"]
-        assert stream.ended_at is None, f"the stream was closed: {stream.error}"
-        truth = emulator.usage(sid)
-        expected = {"input": truth["input_tokens"], "output": truth["output_tokens"],
-                    "cache_read": truth["cache_read_input_tokens"],
-                    "cache_write": truth["cache_creation_input_tokens"]}
-        assert truth["model_requests"] == 1
-        assert tokens(gw) == {kind: n for kind, n in expected.items() if n}
+        assert_stream_kept(stream, updated_at, emulator, sid, gw)
     finally:
         for conn in (stream, keep):
             if conn:
