@@ -39,6 +39,8 @@ pub mod sse;
 pub mod store;
 pub mod tag_strip;
 pub mod tenancy;
+#[cfg(test)]
+mod test_rng;
 pub mod time;
 pub mod usage;
 

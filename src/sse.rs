@@ -698,6 +698,7 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+    use crate::test_rng::Rng;
 
     const METERED: [&str; 4] = [
         "span.model_request_end",
@@ -1245,22 +1246,6 @@ mod tests {
     }
 
     // ---- chunking invariance ----------------------------------------------------------------
-
-    /// xorshift64: enough randomness for chunk boundaries.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
 
     /// Inputs covering every rule, realistic and adversarial, with the cap they run under.
     fn corpus() -> Vec<(&'static str, Vec<u8>, usize)> {

@@ -345,6 +345,7 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+    use crate::test_rng::Rng;
     use serde_json::{json, Value};
 
     const TAG: &str = "ma_gateway_tenant";
@@ -497,20 +498,6 @@ mod tests {
         }
         strip_all(&mut value);
         (id, owner, value)
-    }
-
-    /// xorshift64 for generated bodies.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-            items[(self.next() % items.len() as u64) as usize]
-        }
     }
 
     fn gen_value(rng: &mut Rng, depth: usize) -> Value {
