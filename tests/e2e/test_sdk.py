@@ -1,15 +1,59 @@
-"""The official `anthropic` Python SDK drives a whole Managed Agents flow through the gateway."""
+"""The official `anthropic` Python SDK drives a whole Managed Agents flow through the gateway,
+with its default headers (it offers `accept-encoding: gzip, deflate`), and the gateway meters
+that session exactly: Prometheus tokens by type, runtime and cost grow by the emulator's
+ground truth for it."""
 
 from __future__ import annotations
 
 import threading
 
 import anthropic
+import pytest
 
-from tests.e2e.conftest import KEYS
+from tests.e2e.conftest import KEYS, Gateway, start_gateway
+from tests.e2e.test_metering import expected_cost, metric, prometheus
+
+TOKEN_KINDS = {"input": "input_tokens", "output": "output_tokens",
+               "cache_read": "cache_read_input_tokens", "cache_write": "cache_creation_input_tokens"}
 
 
-def test_official_sdk_full_flow(gateway):
+@pytest.fixture(scope="module")
+def sdk_gateway(emulator):
+    """A gateway of its own: its counters move only with this module's sessions (the shared
+    gateway's reconciler may meter other tests' sessions of the same model at any moment)."""
+    envoy = start_gateway(emulator, api_key=emulator.api_key)
+    yield Gateway(envoy, emulator)
+    envoy.stop()
+
+
+def metering_snapshot(gateway, model: str, tenant: str = "default") -> dict[str, int]:
+    """This model's tokens by type, runtime seconds and cost (µ$) as Prometheus shows them now."""
+    samples = prometheus(gateway)
+    snapshot = {kind: metric(samples, "ma_gateway_tokens_total", tenant=tenant, model=model, type=kind)
+                for kind in TOKEN_KINDS}
+    snapshot["runtime"] = metric(samples, "ma_gateway_session_runtime_seconds_total", tenant=tenant, model=model)
+    snapshot["cost"] = metric(samples, "ma_gateway_cost_microdollars_total", tenant=tenant, model=model)
+    return snapshot
+
+
+def assert_metered_exactly(gateway, session_id: str, before: dict[str, int], model: str):
+    """The counters grew since `before` by exactly the emulator's ground truth for the session."""
+    truth = gateway.emulator.usage(session_id)
+    assert truth["model"] == model and truth["model_requests"] >= 1, truth
+    after = metering_snapshot(gateway, model)
+    grown = {key: after[key] - before[key] for key in after}
+    expected = {kind: truth[field] for kind, field in TOKEN_KINDS.items()}
+    expected["runtime"] = truth["active_seconds"]
+    expected["cost"] = expected_cost(truth, model)
+    assert expected["input"] > 0 and expected["output"] > 0 and expected["cost"] > 0, truth
+    assert grown == expected, f"Prometheus grew by {grown}, the emulator's ground truth is {expected}"
+    return truth
+
+
+def test_official_sdk_full_flow(sdk_gateway):
+    gateway = sdk_gateway
+    before = metering_snapshot(gateway, "claude-sonnet-4-6")
+    # Default headers left as they are: the SDK offers gzip/deflate, the metering must hold anyway.
     client = anthropic.Anthropic(base_url=gateway.url, api_key=KEYS["bob"], max_retries=0, timeout=30)
     agent = client.beta.agents.create(name="sdk-agent", model="claude-sonnet-4-6")
     environment = client.beta.environments.create(
@@ -47,6 +91,10 @@ def test_official_sdk_full_flow(gateway):
 
     fetched = client.beta.sessions.retrieve(session.id)
     assert fetched.usage.input_tokens > 0
+
+    truth = assert_metered_exactly(gateway, session.id, before, "claude-sonnet-4-6")
+    assert (fetched.usage.input_tokens, fetched.usage.output_tokens, fetched.usage.cache_read_input_tokens) == (
+        truth["input_tokens"], truth["output_tokens"], truth["cache_read_input_tokens"])
 
 
 def test_sdk_sees_gateway_refusals_as_normal_errors(gateway):
