@@ -92,7 +92,7 @@ wasm: toolchain
 	@ls -l $(WASM) | awk '{print "wasm size: " $$5 " bytes"}'
 
 emulator:
-	cargo build --release --bin ma-emulator
+	cargo build --release -p ma-emulator
 
 FAULT_TARGET := target/fault-injection
 ## wasm-fault: TEST-ONLY module that panics on demand (x-ma-gateway-fault header, cargo feature
@@ -113,10 +113,10 @@ lint: toolchain
 	cargo fmt --check
 	cargo clippy --target wasm32-wasip1 --lib -- -D warnings
 	cargo clippy --target wasm32-wasip1 --lib --features fault-injection --target-dir $(FAULT_TARGET) -- -D warnings
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 unit:
-	cargo test --all-targets
+	cargo test --workspace --all-targets
 
 ## validate: every shipped Envoy config passes `envoy --mode validate` (with the real filter loaded)
 validate: wasm venv

@@ -3,8 +3,8 @@
 use super::*;
 use crate::http::{ChunkedWriter, Handler};
 use crate::script;
+use crate::server::{Chunking, Compression};
 use crate::sse::HeartbeatKind;
-use std::io::Cursor;
 use std::time::Duration;
 
 const KEY: &str = "test-key";
@@ -19,16 +19,36 @@ fn server() -> Server {
         seed: 1,
         exit_on_stdin_eof: false,
         verbose: false,
+        tls_cert_out: None,
+        compression: Compression::Auto,
+        chunking: Chunking::Awkward,
     })))
 }
 
 fn request(method: &str, target: &str, headers: &[(&str, &str)], body: &str) -> Request {
-    let mut raw = format!("{method} {target} HTTP/1.1\r\n");
-    for (n, v) in headers {
-        raw.push_str(&format!("{n}: {v}\r\n"));
+    let mut headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    headers.push(("content-length".into(), body.len().to_string()));
+    let mut req = Request::new(method, target, headers, "HTTP/1.1");
+    req.body = body.as_bytes().to_vec();
+    req
+}
+
+/// Hands `req` to the server as the wire does: head first (recorded), then the whole body.
+fn serve(s: &Server, req: Request) -> Reply {
+    if let Some(token) = s.arrived(&req) {
+        s.body_read(
+            token,
+            &BodyReport {
+                bytes: req.body.len(),
+                complete: true,
+                trailers: vec![],
+            },
+        );
     }
-    raw.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
-    http::read_request(&mut Cursor::new(raw.into_bytes()), &mut Vec::new()).unwrap()
+    s.handle(req)
 }
 
 const GOOD: &[(&str, &str)] = &[
@@ -58,7 +78,7 @@ fn call(s: &Server, method: &str, target: &str, body: Value) -> (u16, Value) {
     } else {
         body.to_string()
     };
-    let (status, json, _) = full(s.handle(request(method, target, GOOD, &body)));
+    let (status, json, _) = full(serve(s, request(method, target, GOOD, &body)));
     (status, json)
 }
 
@@ -117,7 +137,7 @@ fn event_types(s: &Server, sid: &str) -> Vec<String> {
 #[test]
 fn auth_and_version_headers() {
     let s = server();
-    let (status, body, headers) = full(s.handle(request("GET", "/v1/agents", &[], "")));
+    let (status, body, headers) = full(serve(&s, request("GET", "/v1/agents", &[], "")));
     assert_eq!(status, 401);
     assert_eq!(body["type"], "error");
     assert_eq!(body["error"]["type"], "authentication_error");
@@ -127,45 +147,54 @@ fn auth_and_version_headers() {
     assert!(headers.iter().any(|(n, v)| n == "request-id" && v == rid));
 
     let bearer = format!("Bearer {KEY}");
-    let (status, body, _) = full(s.handle(request(
-        "GET",
-        "/v1/agents",
-        &[
-            ("authorization", &bearer),
-            ("anthropic-beta", "managed-agents-2026-04-01"),
-        ],
-        "",
-    )));
+    let (status, body, _) = full(serve(
+        &s,
+        request(
+            "GET",
+            "/v1/agents",
+            &[
+                ("authorization", &bearer),
+                ("anthropic-beta", "managed-agents-2026-04-01"),
+            ],
+            "",
+        ),
+    ));
     assert_eq!(status, 400);
     assert!(body["error"]["message"]
         .as_str()
         .unwrap()
         .contains("anthropic-version"));
-    let (status, body, _) = full(s.handle(request(
-        "GET",
-        "/v1/agents",
-        &[
-            ("authorization", &bearer),
-            ("anthropic-version", "2026-10-21"),
-        ],
-        "",
-    )));
+    let (status, body, _) = full(serve(
+        &s,
+        request(
+            "GET",
+            "/v1/agents",
+            &[
+                ("authorization", &bearer),
+                ("anthropic-version", "2026-10-21"),
+            ],
+            "",
+        ),
+    ));
     assert_eq!(status, 400);
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert!(body["error"]["message"]
         .as_str()
         .unwrap()
         .contains("anthropic-beta"));
-    let (status, _, _) = full(s.handle(request(
-        "GET",
-        "/v1/agents?beta=true",
-        &[
-            ("authorization", &bearer),
-            ("anthropic-version", "2026-10-21"),
-            ("anthropic-beta", "managed-agents-2026-04-01"),
-        ],
-        "",
-    )));
+    let (status, _, _) = full(serve(
+        &s,
+        request(
+            "GET",
+            "/v1/agents?beta=true",
+            &[
+                ("authorization", &bearer),
+                ("anthropic-version", "2026-10-21"),
+                ("anthropic-beta", "managed-agents-2026-04-01"),
+            ],
+            "",
+        ),
+    ));
     assert_eq!(status, 200);
 
     let (_, log) = call(&s, "GET", "/_emulator/requests", Value::Null);
@@ -378,12 +407,10 @@ fn scripted_turns_are_deterministic_and_metered() {
 fn streams_see_new_events_and_end_on_delete() {
     let s = server();
     let sid = setup(&s);
-    let Reply::Stream(stream) = s.handle(request(
-        "GET",
-        &format!("/v1/sessions/{sid}/stream"),
-        GOOD,
-        "",
-    )) else {
+    let Reply::Stream(stream) = serve(
+        &s,
+        request("GET", &format!("/v1/sessions/{sid}/stream"), GOOD, ""),
+    ) else {
         panic!("expected a stream");
     };
     assert!(stream
@@ -437,12 +464,15 @@ fn streams_see_new_events_and_end_on_delete() {
 fn large_turn_streams_full_texts_keeps_history_small_and_meters() {
     let s = server();
     let sid = setup(&s);
-    let Reply::Stream(stream) = s.handle(request(
-        "GET",
-        &format!("/v1/sessions/{sid}/events/stream"),
-        GOOD,
-        "",
-    )) else {
+    let Reply::Stream(stream) = serve(
+        &s,
+        request(
+            "GET",
+            &format!("/v1/sessions/{sid}/events/stream"),
+            GOOD,
+            "",
+        ),
+    ) else {
         panic!("expected a stream");
     };
     let reader = std::thread::spawn(move || {
@@ -549,12 +579,15 @@ fn credentials_never_echo_secrets() {
 /// Opens a stream on `sid` and runs a turn; returns the stream's bytes and whether its body
 /// ended with an error (an aborted connection).
 fn stream_turn(s: &Server, sid: &str, text: &str) -> (Vec<u8>, bool) {
-    let Reply::Stream(stream) = s.handle(request(
-        "GET",
-        &format!("/v1/sessions/{sid}/events/stream"),
-        GOOD,
-        "",
-    )) else {
+    let Reply::Stream(stream) = serve(
+        s,
+        request(
+            "GET",
+            &format!("/v1/sessions/{sid}/events/stream"),
+            GOOD,
+            "",
+        ),
+    ) else {
         panic!("expected a stream");
     };
     let reader = std::thread::spawn(move || {
@@ -699,7 +732,7 @@ fn request_faults_by_kind() {
 
     let misbehaves = |kind: &str| {
         add(json!({"kind": kind, "path_prefix": "/v1/agents", "hold_ms": 5}));
-        match s.handle(request("GET", "/v1/agents", GOOD, "")) {
+        match serve(&s, request("GET", "/v1/agents", GOOD, "")) {
             Reply::Fault(f) => f,
             _ => panic!("{kind}: expected a fault"),
         }
@@ -721,7 +754,7 @@ fn request_faults_by_kind() {
     assert!(serde_json::from_slice::<Value>(&resp.body).is_ok());
 
     add(json!({"kind": "truncated_json", "path_prefix": "/v1/agents"}));
-    let Reply::Full(resp) = s.handle(request("GET", "/v1/agents", GOOD, "")) else {
+    let Reply::Full(resp) = serve(&s, request("GET", "/v1/agents", GOOD, "")) else {
         panic!("expected a full answer");
     };
     assert_eq!(resp.status, 200);

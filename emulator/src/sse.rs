@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
 use crate::http::ChunkedWriter;
+use crate::http::FrameSink;
 
 /// One item on a subscriber's channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,7 +291,7 @@ pub fn wait_for_backlog(
 /// error; emits a heartbeat every `heartbeat` (none when `None`).
 pub fn pump(
     sub: &Subscription,
-    out: &mut ChunkedWriter<'_>,
+    out: &mut dyn FrameSink,
     heartbeat: Option<Duration>,
     kind: HeartbeatKind,
 ) -> io::Result<()> {

@@ -4,33 +4,49 @@
 //! ```text
 //! ma-emulator --listen 127.0.0.1:0 --api-key KEY [--heartbeat-ms 15000]
 //!             [--heartbeat comment|event] [--event-delay-ms 20] [--seed N]
+//!             [--tls-cert-out PATH] [--compression auto|off] [--chunking awkward|plain]
 //!             [--exit-on-stdin-eof] [--verbose]
 //! ```
 //!
-//! After binding it prints exactly one line, `LISTENING <addr>:<port>`, to stdout; logs go
-//! to stderr. Modules: [`http`] (the std::net server), [`api`] (routing and handlers),
+//! It behaves like the real API on the wire, adversarially by default: HTTP/1.1 and HTTP/2
+//! on one port (with `--tls-cert-out`: TLS with ALPN `h2`/`http/1.1` and a fresh certificate
+//! for `ma-emulator.test` and 127.0.0.1, whose CA's PEM is written to PATH; without it,
+//! plaintext HTTP/1.1 and h2c prior knowledge), responses compressed per `accept-encoding`
+//! (`--compression off`: never) and bodies cut at seeded random places (`--chunking plain`:
+//! one write per event or body).
+//!
+//! After binding (and writing the certificate) it prints exactly one line,
+//! `LISTENING <addr>:<port>`, to stdout; logs go to stderr. Modules: [`server`] (hyper,
+//! TLS, compression, chunking), [`http`] (requests and replies), [`encoding`] (content
+//! codings), [`tls`] (certificates), [`api`] (routing and handlers),
 //! [`store`] (state), [`script`] (scripted turns), [`sse`] (streams), [`page`] (cursor
 //! pagination), [`util`] (ids and timestamps).
 
 mod api;
+mod encoding;
 mod http;
 mod page;
 mod script;
+mod server;
 mod sse;
 mod store;
+mod tls;
 mod util;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crate::server::{Chunking, Compression};
 use crate::sse::HeartbeatKind;
 
 const USAGE: &str = "usage: ma-emulator --listen ADDR:PORT --api-key KEY [--heartbeat-ms MS] \
-[--heartbeat comment|event] [--event-delay-ms MS] [--seed N] [--exit-on-stdin-eof] [--verbose]";
+[--heartbeat comment|event] [--event-delay-ms MS] [--seed N] [--tls-cert-out PATH] \
+[--compression auto|off] [--chunking awkward|plain] [--exit-on-stdin-eof] [--verbose]";
 
 /// Runtime configuration, from the command line.
 #[derive(Debug, Clone)]
@@ -47,6 +63,10 @@ pub struct Config {
     pub exit_on_stdin_eof: bool,
     /// Log every request to stderr.
     pub verbose: bool,
+    /// Serve TLS, writing the CA certificate's PEM here.
+    pub tls_cert_out: Option<PathBuf>,
+    pub compression: Compression,
+    pub chunking: Chunking,
 }
 
 impl Config {
@@ -60,6 +80,9 @@ impl Config {
         let mut seed = None;
         let mut exit_on_stdin_eof = false;
         let mut verbose = false;
+        let mut tls_cert_out = None;
+        let mut compression = Compression::Auto;
+        let mut chunking = Chunking::Awkward;
 
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -90,6 +113,21 @@ impl Config {
                 }
                 "--event-delay-ms" => event_delay_ms = number(value()?)?,
                 "--seed" => seed = Some(number(value()?)?),
+                "--tls-cert-out" => tls_cert_out = Some(PathBuf::from(value()?)),
+                "--compression" => {
+                    compression = match value()?.as_str() {
+                        "auto" => Compression::Auto,
+                        "off" => Compression::Off,
+                        other => return Err(format!("--compression: unknown mode '{other}'")),
+                    }
+                }
+                "--chunking" => {
+                    chunking = match value()?.as_str() {
+                        "awkward" => Chunking::Awkward,
+                        "plain" => Chunking::Plain,
+                        other => return Err(format!("--chunking: unknown mode '{other}'")),
+                    }
+                }
                 "--exit-on-stdin-eof" => exit_on_stdin_eof = true,
                 "--verbose" | "-v" => verbose = true,
                 "--help" | "-h" => return Ok(None),
@@ -114,6 +152,9 @@ impl Config {
             }),
             exit_on_stdin_eof,
             verbose,
+            tls_cert_out,
+            compression,
+            chunking,
         }))
     }
 }
@@ -145,6 +186,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match &cfg.tls_cert_out {
+        None => None,
+        Some(path) => {
+            let made = match tls::generate() {
+                Ok(made) => made,
+                Err(e) => {
+                    eprintln!("ma-emulator: cannot make a TLS certificate: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Err(e) = std::fs::write(path, &made.ca_pem) {
+                eprintln!("ma-emulator: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            Some(made.config)
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     if writeln!(stdout, "LISTENING {addr}")
         .and_then(|()| stdout.flush())
@@ -154,8 +212,9 @@ fn main() -> ExitCode {
     }
     drop(stdout);
     eprintln!(
-        "ma-emulator: listening on {addr} (heartbeat {:?} {:?}, event delay {:?})",
-        cfg.heartbeat, cfg.heartbeat_kind, cfg.event_delay
+        "ma-emulator: listening on {addr} ({}, compression {:?}, chunking {:?}, heartbeat {:?} {:?}, event delay {:?})",
+        if tls.is_some() { "TLS, ALPN h2 http/1.1" } else { "plaintext HTTP/1.1 and h2c" },
+        cfg.compression, cfg.chunking, cfg.heartbeat, cfg.heartbeat_kind, cfg.event_delay
     );
 
     if cfg.exit_on_stdin_eof {
@@ -171,9 +230,20 @@ fn main() -> ExitCode {
         }
     }
 
+    let opts = server::Options {
+        tls,
+        compression: cfg.compression,
+        chunking: cfg.chunking,
+        seed: cfg.seed,
+    };
     let app = Arc::new(api::App::new(cfg));
-    http::serve(&listener, &Arc::new(api::Server::new(app)));
-    ExitCode::SUCCESS
+    match server::serve(listener, Arc::new(api::Server::new(app)), opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ma-emulator: server failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]
@@ -199,6 +269,17 @@ mod tests {
         assert_eq!(cfg.event_delay, Duration::from_millis(5));
         assert_eq!(cfg.seed, 9);
         assert!(cfg.exit_on_stdin_eof);
+        assert_eq!(cfg.compression, Compression::Auto);
+        assert_eq!(cfg.chunking, Chunking::Awkward);
+        assert!(cfg.tls_cert_out.is_none());
+        let wire = Config::parse(&args(
+            "--listen a:1 --api-key k --tls-cert-out /tmp/x.pem --compression off --chunking=plain",
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(wire.tls_cert_out, Some(PathBuf::from("/tmp/x.pem")));
+        assert_eq!(wire.compression, Compression::Off);
+        assert_eq!(wire.chunking, Chunking::Plain);
         let defaults = Config::parse(&args("--listen a:1 --api-key k"))
             .unwrap()
             .unwrap();
@@ -213,6 +294,8 @@ mod tests {
         assert!(Config::parse(&args("--listen a:1 --api-key k --bogus")).is_err());
         assert!(Config::parse(&args("--listen a:1 --api-key k --heartbeat x")).is_err());
         assert!(Config::parse(&args("--listen a:1 --api-key k --event-delay-ms -1")).is_err());
+        assert!(Config::parse(&args("--listen a:1 --api-key k --compression gz")).is_err());
+        assert!(Config::parse(&args("--listen a:1 --api-key k --chunking odd")).is_err());
         assert!(Config::parse(&args("--help")).unwrap().is_none());
     }
 }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::http::{self, Misbehave, Query, Reply, Request, Response};
+use crate::http::{self, BodyReport, Misbehave, Query, Reply, Request, Response};
 use crate::page::{paginate, Cursor, Order, Page, PageParams};
 use crate::store::{merge_metadata, Rec, Store};
 use crate::util::{now_rfc3339, IdGen};
@@ -51,7 +51,7 @@ pub struct App {
     pub cfg: Config,
     pub ids: Arc<IdGen>,
     store: Mutex<Store>,
-    requests: Mutex<VecDeque<Value>>,
+    requests: Mutex<RequestLog>,
     faults: Mutex<Vec<Fault>>,
     /// Keys accepted right now: starts as `--api-key`, replaced by `POST /_emulator/api-keys`
     /// (rotation tests: accept old and new during a switch, then only the new one).
@@ -66,7 +66,7 @@ impl App {
             store: Mutex::new(Store::new(Arc::clone(&ids))),
             ids,
             cfg,
-            requests: Mutex::new(VecDeque::new()),
+            requests: Mutex::new(RequestLog::default()),
             accepted_keys: Mutex::new(vec![key]),
             faults: Mutex::new(Vec::new()),
         }
@@ -77,19 +77,43 @@ impl App {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn record(&self, req: &Request) {
+    /// Records a request the moment its head arrives (before its body is read); returns
+    /// its sequence number for [`App::record_body`].
+    fn record_head(&self, req: &Request) -> u64 {
         let headers: Vec<Value> = req.headers.iter().map(|(n, v)| json!([n, v])).collect();
         let entry = json!({
             "method": req.method,
             "path": req.target,
             "headers": headers,
-            "body_bytes": req.body.len(),
+            "protocol": req.protocol,
+            "content_encoding": req.header("content-encoding"),
+            "body_bytes": 0,
+            "body_complete": false,
+            "trailers": [],
         });
         let mut log = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        while log.len() >= REQUEST_LOG_CAP {
-            log.pop_front();
+        while log.entries.len() >= REQUEST_LOG_CAP {
+            log.entries.pop_front();
+            log.first += 1;
         }
-        log.push_back(entry);
+        log.entries.push_back(entry);
+        log.first + log.entries.len() as u64 - 1
+    }
+
+    /// Completes the entry `seq` with what its body turned out to be.
+    fn record_body(&self, seq: u64, report: &BodyReport) {
+        let mut log = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(index) = seq
+            .checked_sub(log.first)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return;
+        };
+        if let Some(entry) = log.entries.get_mut(index) {
+            entry["body_bytes"] = json!(report.bytes);
+            entry["body_complete"] = json!(report.complete);
+            entry["trailers"] = json!(report.trailers);
+        }
     }
 
     /// Consumes one matching injected fault, if any.
@@ -109,6 +133,14 @@ impl App {
         }
         Some(taken)
     }
+}
+
+/// The request log: entries in arrival order; `first` is the sequence number of the front
+/// one (cleared and evicted entries keep their numbers).
+#[derive(Default)]
+struct RequestLog {
+    first: u64,
+    entries: VecDeque<Value>,
 }
 
 /// What an injected fault does to a matching request (`kind` in `POST /_emulator/faults`).
@@ -257,7 +289,7 @@ impl ApiError {
     /// The envelope's `error.type` for this status.
     pub fn kind(&self) -> &'static str {
         match self.status {
-            400 | 405 | 409 | 422 => "invalid_request_error",
+            400 | 405 | 409 | 415 | 422 => "invalid_request_error",
             401 => "authentication_error",
             403 => "permission_error",
             404 => "not_found_error",
@@ -308,6 +340,16 @@ impl Server {
 }
 
 impl http::Handler for Server {
+    /// Every request but the private `/_emulator` ones is recorded as its head arrives.
+    fn arrived(&self, head: &Request) -> Option<u64> {
+        let private = head.path == "/_emulator" || head.path.starts_with("/_emulator/");
+        (!private).then(|| self.app.record_head(head))
+    }
+
+    fn body_read(&self, token: u64, report: &BodyReport) {
+        self.app.record_body(token, report);
+    }
+
     fn handle(&self, req: Request) -> Reply {
         let request_id = self.app.ids.next("req_");
         let started = Instant::now();
@@ -343,7 +385,6 @@ fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult {
     match segments.first().copied() {
         Some("_emulator") => private(app, req, &segments),
         Some("v1") => {
-            app.record(req);
             check_auth(app, req)?;
             check_versions(req)?;
             match app.take_fault(req) {
@@ -351,10 +392,7 @@ fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult {
                 None => v1(app, req, &segments),
             }
         }
-        _ => {
-            app.record(req);
-            Err(ApiError::not_found(format!("Not found: {}", req.path)))
-        }
+        _ => Err(ApiError::not_found(format!("Not found: {}", req.path))),
     }
 }
 
@@ -479,13 +517,13 @@ fn private(app: &App, req: &Request, segments: &[&str]) -> ApiResult {
         ("GET", ["health"]) => ok(&json!({"ok": true})),
         ("GET", ["requests"]) => {
             let log = app.requests.lock().unwrap_or_else(|e| e.into_inner());
-            ok(&json!({"requests": log.iter().cloned().collect::<Vec<_>>()}))
+            ok(&json!({"requests": log.entries.iter().cloned().collect::<Vec<_>>()}))
         }
         ("DELETE", ["requests"]) => {
-            app.requests
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
+            let mut log = app.requests.lock().unwrap_or_else(|e| e.into_inner());
+            let cleared = log.entries.len() as u64;
+            log.first += cleared;
+            log.entries.clear();
             ok(&json!({"ok": true}))
         }
         ("POST", ["api-keys"]) => {
