@@ -179,6 +179,12 @@ pub struct Isolation {
     pub untagged: Untagged,
     /// Largest request body inspected (create/update calls); bigger ones are refused with 413.
     pub max_body_bytes: usize,
+    /// Hold the request head while an inspected body arrives, so a refusal sends nothing
+    /// upstream. Needs `allow_on_headers_stop_iteration: true` on the Wasm filter (Envoy ≥
+    /// 1.35): without it Envoy holds the body with the head and such calls wait until a timeout.
+    /// `false` for hosts that cannot set it: the head may then reach upstream before a body
+    /// refusal resets the request.
+    pub hold_request_head: bool,
 }
 
 impl Isolation {
@@ -494,6 +500,7 @@ fn parse_isolation(obj: Option<Obj>, tenants_declared: bool) -> Result<Isolation
         tag_key: DEFAULT_TAG_KEY.into(),
         untagged: Untagged::Deny,
         max_body_bytes: 1024 * 1024,
+        hold_request_head: true,
     };
     let Some(mut obj) = obj else {
         return Ok(isolation);
@@ -524,6 +531,9 @@ fn parse_isolation(obj: Option<Obj>, tenants_declared: bool) -> Result<Isolation
     }
     if let Some(n) = obj.opt_uint("max_body_bytes", 1024, 16 * 1024 * 1024)? {
         isolation.max_body_bytes = n;
+    }
+    if let Some(hold) = obj.opt_bool("hold_request_head")? {
+        isolation.hold_request_head = hold;
     }
     obj.finish()?;
     Ok(isolation)

@@ -421,6 +421,14 @@ fn isolation(d: &Plan) -> Value {
                     "default": d.isolation.max_body_bytes,
                 }),
             ),
+            (
+                "hold_request_head",
+                json!({
+                    "description": "hold the request head until an inspected body is decided, so a refusal sends nothing upstream; needs `allow_on_headers_stop_iteration: true` on the Wasm filter (false where the host cannot set it)",
+                    "type": "boolean",
+                    "default": d.isolation.hold_request_head,
+                }),
+            ),
         ],
         &[],
     )

@@ -19,10 +19,14 @@ pub enum ErrorKind {
     NotFound,
     /// 413
     RequestTooLarge,
+    /// 415: a body the gateway must read arrived with a content coding.
+    UnsupportedEncoding,
     /// 429
     RateLimit,
     /// 500
     Api,
+    /// 502: the upstream answered in a form the gateway must not pass unread.
+    BadGateway,
     /// 503: the gateway cannot forward (no upstream credential, for example).
     Unavailable,
 }
@@ -35,8 +39,10 @@ impl ErrorKind {
             ErrorKind::Permission => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::RequestTooLarge => 413,
+            ErrorKind::UnsupportedEncoding => 415,
             ErrorKind::RateLimit => 429,
             ErrorKind::Api => 500,
+            ErrorKind::BadGateway => 502,
             ErrorKind::Unavailable => 503,
         }
     }
@@ -50,8 +56,10 @@ impl ErrorKind {
             ErrorKind::Permission => "scope",
             ErrorKind::NotFound => "route",
             ErrorKind::RequestTooLarge => "body_size",
+            ErrorKind::UnsupportedEncoding => "content_encoding",
             ErrorKind::RateLimit => "rate_limit",
             ErrorKind::Api => "internal",
+            ErrorKind::BadGateway => "upstream",
             ErrorKind::Unavailable => "unavailable",
         }
     }
@@ -64,8 +72,10 @@ impl ErrorKind {
             ErrorKind::Permission => "permission_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::RequestTooLarge => "request_too_large",
+            ErrorKind::UnsupportedEncoding => "invalid_request_error",
             ErrorKind::RateLimit => "rate_limit_error",
             ErrorKind::Api => "api_error",
+            ErrorKind::BadGateway => "api_error",
             // SDKs treat 503 like 529: retryable. The upstream's own word for it is this one.
             ErrorKind::Unavailable => "overloaded_error",
         }

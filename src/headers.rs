@@ -4,10 +4,12 @@
 //! then all sets) that the glue applies verbatim. Client credentials and hop-by-hop headers are
 //! removed; `anthropic-version` is set only when absent (a client's own is never downgraded);
 //! `anthropic-beta` is merged into one comma-separated value that always contains the required
-//! betas, and any beta outside the allowlist is refused; `:authority` and the upstream key are
-//! set last, so nothing the client sent can override them.
+//! betas, and any beta outside the allowlist is refused; `accept-encoding` becomes `identity`
+//! (the gateway reads response bodies: [`crate::content_coding`]); `:authority` and the
+//! upstream key are set last, so nothing the client sent can override them.
 
 use crate::config::Plan;
+use crate::content_coding::UPSTREAM_ACCEPT_ENCODING;
 use crate::errors::{excerpt, ApiError, ErrorKind};
 
 /// Headers that carry a client's credentials: never forwarded.
@@ -30,7 +32,12 @@ pub const HOP_BY_HOP_HEADERS: [&str; 6] = [
 
 /// Headers the gateway owns on the upstream request; a client may not name them in
 /// `Connection` to have them dropped, and the gateway always sets them itself.
-const GATEWAY_OWNED: [&str; 3] = [":authority", "x-api-key", "anthropic-beta"];
+const GATEWAY_OWNED: [&str; 4] = [
+    ":authority",
+    "x-api-key",
+    "anthropic-beta",
+    "accept-encoding",
+];
 
 /// Most betas one call may carry; bounds parsing work and the forwarded header.
 const MAX_BETAS: usize = 32;
@@ -86,6 +93,13 @@ pub fn rewrite_request(
     // Replace every client copy of the beta header by the single merged value.
     edits.push(HeaderEdit::Remove("anthropic-beta".into()));
     edits.push(HeaderEdit::Set("anthropic-beta".into(), merged));
+    // Every client copy of the offer (the SDKs send `gzip, deflate` or more) is replaced: the
+    // upstream compresses whatever is offered, and the gateway must read what it answers.
+    edits.push(HeaderEdit::Remove("accept-encoding".into()));
+    edits.push(HeaderEdit::Set(
+        "accept-encoding".into(),
+        UPSTREAM_ACCEPT_ENCODING.into(),
+    ));
     if !has_version {
         edits.push(HeaderEdit::Set(
             "anthropic-version".into(),
@@ -189,10 +203,53 @@ mod tests {
                 HeaderEdit::Remove("authorization".into()),
                 HeaderEdit::Remove("anthropic-beta".into()),
                 HeaderEdit::Set("anthropic-beta".into(), MANAGED_AGENTS_BETA.into()),
+                HeaderEdit::Remove("accept-encoding".into()),
+                HeaderEdit::Set("accept-encoding".into(), "identity".into()),
                 HeaderEdit::Set(":authority".into(), "api.example.test".into()),
                 HeaderEdit::Set("x-api-key".into(), "sk-upstream".into()),
             ]
         );
+    }
+
+    #[test]
+    fn every_compression_offer_becomes_identity() {
+        // The official SDKs' defaults, a browser's, a list with q-values, repeated headers,
+        // and a client trying to drop the gateway's own value through `Connection`.
+        for offers in [
+            vec![("accept-encoding", "gzip, deflate")],
+            vec![("accept-encoding", "gzip, deflate, br, zstd")],
+            vec![("accept-encoding", "br;q=1.0, gzip;q=0.8, *;q=0.1")],
+            vec![("accept-encoding", "gzip"), ("accept-encoding", "br")],
+            vec![("accept-encoding", "identity")],
+            vec![
+                ("connection", "accept-encoding"),
+                ("accept-encoding", "gzip"),
+            ],
+            vec![],
+        ] {
+            let edits = rewrite_request(&plan(), &h(&offers), "sk").unwrap();
+            let set: Vec<_> = edits
+                .iter()
+                .filter(|e| matches!(e, HeaderEdit::Set(n, _) if n == "accept-encoding"))
+                .collect();
+            assert_eq!(
+                set,
+                vec![&HeaderEdit::Set(
+                    "accept-encoding".into(),
+                    "identity".into()
+                )],
+                "{offers:?}"
+            );
+            let removed_at = edits
+                .iter()
+                .position(|e| *e == HeaderEdit::Remove("accept-encoding".into()))
+                .unwrap();
+            let set_at = edits
+                .iter()
+                .position(|e| matches!(e, HeaderEdit::Set(n, _) if n == "accept-encoding"))
+                .unwrap();
+            assert!(removed_at < set_at, "{offers:?}");
+        }
     }
 
     #[test]
@@ -238,7 +295,8 @@ mod tests {
                 "x-secret-hop",
                 "te",
                 "upgrade",
-                "anthropic-beta"
+                "anthropic-beta",
+                "accept-encoding"
             ]
         );
         // The gateway's own key is set after every removal, so it is the one that is forwarded.

@@ -14,12 +14,14 @@
 //! | [`credentials`] | the upstream key's record in shared data |
 //! | [`gateway`] | the request-phase decision, in order |
 //! | [`errors`] | the Anthropic error envelope |
+//! | [`content_coding`] | bodies the gateway reads are never encoded: `identity` upstream, encoded ones refused |
 //! | [`sha256`] | the digest used for key hashes |
 
 pub mod accounting;
 pub mod audit;
 pub mod config;
 pub mod config_schema;
+pub mod content_coding;
 pub mod credentials;
 pub mod errors;
 pub mod gateway;

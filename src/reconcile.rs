@@ -47,6 +47,11 @@ pub fn get_request(plan: &Plan, path: &str, credential: &str) -> Vec<(String, St
         ),
         ("anthropic-beta".into(), plan.betas.required.join(",")),
         ("user-agent".into(), "ma-gateway-reconciler".into()),
+        // The gateway reads the answer (usage, owner tag): never let it come compressed.
+        (
+            "accept-encoding".into(),
+            crate::content_coding::UPSTREAM_ACCEPT_ENCODING.into(),
+        ),
     ]
 }
 

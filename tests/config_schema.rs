@@ -224,7 +224,7 @@ fn kitchen_sink() -> Value {
             {"name": "default", "scopes": ["*:readonly"], "credential": "vaulted"}
         ],
         "isolation": {"enabled": true, "tag_key": "ma_gateway_tenant", "untagged": "deny",
-                      "max_body_bytes": 1_048_576},
+                      "max_body_bytes": 1_048_576, "hold_request_head": true},
         "limits": {
             "per_tenant": rates(300, 60, 20),
             "per_principal": rates(60, 6, 5),

@@ -110,7 +110,21 @@ impl GatewayStream {
         let Gate::AwaitingOwners { ids, .. } = std::mem::replace(&mut self.gate, Gate::Open) else {
             return;
         };
-        if self.check_owners(ids, true) == Action::Continue {
+        if self.check_owners(ids, true) != Action::Continue {
+            return;
+        }
+        // The owners are the caller's: go on with whatever has arrived meanwhile. The body may
+        // be complete (read and decided now) or still coming. With the head held, Envoy keeps
+        // delivering it and the last body callback lets the request go; without
+        // (`hold_request_head: false`), Envoy holds the body with the head, so resume to have
+        // it delivered to the body callback.
+        let resume = match self.advance() {
+            Action::Continue => true,
+            _ => {
+                self.gate == Gate::Open && !self.body_complete && !plan.isolation.hold_request_head
+            }
+        };
+        if resume {
             if let Err(status) = hostcalls::resume_http_request() {
                 log::error!("#{} cannot resume the request: {status:?}", self.context_id);
             }

@@ -32,6 +32,7 @@ use super::store::SharedData;
 use crate::accounting;
 use crate::audit;
 use crate::config::Plan;
+use crate::content_coding;
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
 use crate::gateway::{self, header_value as header, Admitted, RequestHead};
 use crate::headers::HeaderEdit;
@@ -82,6 +83,9 @@ pub struct GatewayStream {
     pub(super) body_pending: bool,
     /// A `POST …/events` body whose event types the audit record lists.
     pub(super) events_pending: bool,
+    /// The whole request body has arrived (end of stream on a body callback, or trailers):
+    /// how it arrived (one frame, many, chunked, with trailers) never changes the decision.
+    pub(super) body_complete: bool,
     /// Rate-limit headers of an admitted call, added to its response.
     pub(super) rate_headers: Vec<(String, String)>,
     /// Concurrent-stream slots this request holds (closed in `on_log`).
@@ -108,6 +112,7 @@ impl GatewayStream {
             gate: Gate::Open,
             body_pending: false,
             events_pending: false,
+            body_complete: false,
             rate_headers: Vec::new(),
             stream_slots: Vec::new(),
             envoy_request_id: None,
@@ -198,28 +203,94 @@ impl GatewayStream {
         Ok(())
     }
 
-    /// Collects a (small) `POST …/events` body to record the event types sent; a body over the
-    /// inspection cap is let through unread (the audit says so) rather than refused.
-    fn audit_events(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let cap = self.plan.as_ref().map_or(0, |p| p.isolation.max_body_bytes);
-        if body_size > cap {
-            self.events_pending = false;
-            self.audit(vec![(
-                "events",
-                "unread (body over the inspection cap)".to_string(),
-            )]);
+    /// Moves the request on as far as what has arrived allows. `Continue` forwards it (head,
+    /// body and trailers together when the head was held); `Pause` waits for the rest of a
+    /// body that must be read, or for owner lookups, or the call was refused. Called from
+    /// every request callback and when owner lookups answer, so a decision never depends on
+    /// whether the body came in one piece, in many, with trailers, or before the lookups.
+    pub(super) fn advance(&mut self) -> Action {
+        loop {
+            if self.gate != Gate::Open {
+                return Action::Pause;
+            }
+            if !self.body_pending && !self.events_pending {
+                return Action::Continue;
+            }
+            if !self.body_complete {
+                return Action::Pause;
+            }
+            let cap = self.plan.as_ref().map_or(0, |p| p.isolation.max_body_bytes);
+            // One byte over the cap tells a body that is too large from one that fits.
+            let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, cap + 1) {
+                Ok(bytes) => bytes.unwrap_or_default(),
+                Err(status) => {
+                    log::error!(
+                        "#{} cannot read the request body: {status:?}",
+                        self.context_id
+                    );
+                    return self.refuse(&ApiError::new(
+                        ErrorKind::Api,
+                        "gateway could not read the request",
+                    ));
+                }
+            };
+            if self.events_pending {
+                self.events_pending = false;
+                let types = if body.len() > cap {
+                    "unread (body over the inspection cap)".to_string()
+                } else {
+                    audit::event_types(&body)
+                };
+                self.audit(vec![("events", types)]);
+            }
+            if self.body_pending {
+                self.body_pending = false;
+                if body.len() > cap {
+                    return self.refuse(&body_too_large(cap));
+                }
+                if self.decide_body(body) != Action::Continue {
+                    return Action::Pause;
+                }
+            }
+        }
+    }
+
+    /// Policy, budget clamp, owner tag and body references of a whole request body: the
+    /// (rewritten) body is left in Envoy's buffer, and `Continue`, a refusal, or `Pause` while
+    /// the owners of its references are looked up.
+    fn decide_body(&mut self, body: Vec<u8>) -> Action {
+        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
+            return Action::Continue;
+        };
+        let original_len = body.len();
+        let op = admitted.operation.clone();
+        let tenant = admitted.principal.tenant.clone();
+        let (body, changed) = match Self::inspect_body(&plan, &tenant, &op, body) {
+            Ok(inspected) => inspected,
+            Err(error) => return self.refuse(&error),
+        };
+        if changed {
+            if let Err(status) =
+                hostcalls::set_buffer(BufferType::HttpRequestBody, 0, original_len, &body)
+            {
+                log::error!(
+                    "#{} cannot replace the request body: {status:?}",
+                    self.context_id
+                );
+                return self.refuse(&ApiError::new(
+                    ErrorKind::Api,
+                    "gateway could not prepare the request",
+                ));
+            }
+        }
+        if !plan.isolation.enabled {
             return Action::Continue;
         }
-        if !end_of_stream {
-            return Action::Pause;
-        }
-        self.events_pending = false;
-        let types = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
-            Ok(body) => audit::event_types(&body.unwrap_or_default()),
-            Err(_) => "unread".to_string(),
-        };
-        self.audit(vec![("events", types)]);
-        Action::Continue
+        let references = serde_json::from_slice(&body)
+            .map(|value| tenancy::body_references(&op, &value))
+            .unwrap_or_default();
+        // Path ids were checked with the headers; the body adds its references.
+        self.check_owners(references, false)
     }
 
     /// Feeds `body_size` bytes of the response body to the meter, in bounded slices, and
@@ -410,104 +481,88 @@ impl HttpContext for GatewayStream {
                 self.events_pending = true;
             }
         }
-        if Self::needs_body(&plan, &tenant, &op) {
-            if end_of_stream && op.action == RouteAction::Create {
-                return self.refuse(&ApiError::new(
-                    ErrorKind::InvalidRequest,
-                    "a JSON body is required",
-                ));
-            }
-            if !end_of_stream {
-                // The body is checked (policy, references), clamped (budget) and tagged
-                // (owner) before any of it goes upstream; its length changes. (proxy-wasm
-                // cannot see a body while the headers are held, so the head may already be on
-                // its way: a refused call is reset before its body.)
-                if let Err(status) =
-                    hostcalls::remove_map_value(MapType::HttpRequestHeaders, "content-length")
-                {
-                    log::warn!(
-                        "#{} cannot drop content-length: {status:?}",
-                        self.context_id
-                    );
-                }
-                self.body_pending = true;
+        let needs_body = Self::needs_body(&plan, &tenant, &op);
+        if needs_body && end_of_stream && op.action == RouteAction::Create {
+            return self.refuse(&ApiError::new(
+                ErrorKind::InvalidRequest,
+                "a JSON body is required",
+            ));
+        }
+        if !end_of_stream && (needs_body || self.events_pending) {
+            // The gateway reads this body as JSON: an encoded one is refused now, before
+            // anything of it goes upstream, never passed unread.
+            if let Some(refusal) =
+                content_coding::request_body_refusal(header(&headers, "content-encoding"))
+            {
+                return self.refuse(&refusal);
             }
         }
-        if !plan.isolation.enabled {
-            return Action::Continue;
+        if needs_body && !end_of_stream {
+            // The body is checked (policy, references), clamped (budget) and tagged (owner)
+            // before any of it goes upstream; its length changes.
+            if let Err(status) =
+                hostcalls::remove_map_value(MapType::HttpRequestHeaders, "content-length")
+            {
+                log::warn!(
+                    "#{} cannot drop content-length: {status:?}",
+                    self.context_id
+                );
+            }
+            self.body_pending = true;
         }
-        self.check_owners(op.ids, false)
+        let action = if plan.isolation.enabled {
+            self.check_owners(op.ids, false)
+        } else {
+            Action::Continue
+        };
+        if action == Action::Continue
+            && (self.body_pending || self.events_pending)
+            && plan.isolation.hold_request_head
+        {
+            // Hold the head too until the body is decided, so a refusal sends nothing
+            // upstream. With `allow_on_headers_stop_iteration` Envoy keeps delivering the body
+            // to this filter meanwhile; `advance` lets head, body and trailers go together.
+            return Action::Pause;
+        }
+        action
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.gate != Gate::Open {
+        if self.gate == Gate::Refused {
             return Action::Pause;
         }
-        if self.events_pending {
-            return self.audit_events(body_size, end_of_stream);
+        if !self.body_pending && !self.events_pending {
+            return self.advance();
         }
-        if !self.body_pending {
-            return Action::Continue;
+        let cap = self.plan.as_ref().map_or(0, |p| p.isolation.max_body_bytes);
+        if body_size > cap {
+            if self.body_pending {
+                self.body_pending = false;
+                return self.refuse(&body_too_large(cap));
+            }
+            // Event types are audit only: a body over the cap goes on unread (the audit says
+            // so) rather than into Envoy's own buffer limit.
+            self.events_pending = false;
+            self.audit(vec![(
+                "events",
+                "unread (body over the inspection cap)".to_string(),
+            )]);
+            return self.advance();
         }
-        let (Some(plan), Some(admitted)) = (self.plan.clone(), self.admitted.as_ref()) else {
-            return Action::Continue;
-        };
-        if body_size > plan.isolation.max_body_bytes {
-            let limit = plan.isolation.max_body_bytes;
-            return self.refuse(&ApiError::new(
-                ErrorKind::RequestTooLarge,
-                format!("request body exceeds the gateway's {limit}-byte limit for this call"),
-            ));
+        if end_of_stream {
+            self.body_complete = true;
         }
-        if !end_of_stream {
+        self.advance()
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.gate == Gate::Refused {
             return Action::Pause;
         }
-        self.body_pending = false;
-        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
-            Ok(bytes) => bytes.unwrap_or_default(),
-            Err(status) => {
-                log::error!(
-                    "#{} cannot read the request body: {status:?}",
-                    self.context_id
-                );
-                return self.refuse(&ApiError::new(
-                    ErrorKind::Api,
-                    "gateway could not read the request",
-                ));
-            }
-        };
-        let op = admitted.operation.clone();
-        let tenant = admitted.principal.tenant.clone();
-        let (body, changed) = match Self::inspect_body(&plan, &tenant, &op, body) {
-            Ok(inspected) => inspected,
-            Err(error) => return self.refuse(&error),
-        };
-        if changed {
-            if let Err(status) =
-                hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &body)
-            {
-                log::error!(
-                    "#{} cannot replace the request body: {status:?}",
-                    self.context_id
-                );
-                return self.refuse(&ApiError::new(
-                    ErrorKind::Api,
-                    "gateway could not prepare the request",
-                ));
-            }
-        }
-        if !plan.isolation.enabled {
-            return Action::Continue;
-        }
-        let references = serde_json::from_slice(&body)
-            .map(|value| tenancy::body_references(&op, &value))
-            .unwrap_or_default();
-        // Path ids were checked with the headers; the body adds its references.
-        match self.check_owners(references, false) {
-            Action::Continue => Action::Continue,
-            // Keep the (rewritten) body buffered until the owners are known.
-            _ => Action::Pause,
-        }
+        // Trailers end the body (HTTP/2 trailers frame, chunked trailers): decide now, with
+        // the body Envoy buffered, exactly as if the last data frame had ended the stream.
+        self.body_complete = true;
+        self.advance()
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -536,6 +591,25 @@ impl HttpContext for GatewayStream {
             &admitted.principal.tenant,
             plan.metering.scanner,
         );
+        let rewrite = plan.isolation.enabled
+            && (200..300).contains(&status)
+            && !end_of_stream
+            && Self::rewrites(&admitted.operation);
+        if (rewrite || meter.wants_body()) && !end_of_stream {
+            // The gateway asked for identity; bytes it cannot read are never passed on unread
+            // (metering would count 0, the owner tag would leak).
+            let coding = hostcalls::get_map_value(MapType::HttpResponseHeaders, "content-encoding")
+                .ok()
+                .flatten();
+            if let Some(refusal) = content_coding::response_body_refusal(coding.as_deref()) {
+                log::warn!(
+                    "#{} upstream answered {status} with content-encoding {}",
+                    self.context_id,
+                    coding.as_deref().unwrap_or_default()
+                );
+                return self.refuse(&refusal);
+            }
+        }
         if meter.is_stream() {
             self.stream_open = true;
             self.metrics
@@ -557,10 +631,7 @@ impl HttpContext for GatewayStream {
                 }
             }
         }
-        self.rewrite_response = plan.isolation.enabled
-            && (200..300).contains(&status)
-            && !end_of_stream
-            && Self::rewrites(&admitted.operation);
+        self.rewrite_response = rewrite;
         self.meter = meter.wants_body().then_some(meter);
         if self.rewrite_response {
             // The body will change length. (The headers cannot be held: proxy-wasm would stop
@@ -624,6 +695,14 @@ impl HttpContext for GatewayStream {
         }
         metrics.record(&metrics::VM_MEMORY, &[], wasm_memory_bytes());
     }
+}
+
+/// The refusal of an inspected request body over the inspection cap.
+fn body_too_large(cap: usize) -> ApiError {
+    ApiError::new(
+        ErrorKind::RequestTooLarge,
+        format!("request body exceeds the gateway's {cap}-byte limit for this call"),
+    )
 }
 
 /// Size of this VM's linear memory (it only grows; flat means nothing accumulated).

@@ -1,0 +1,254 @@
+"""How a body arrives never changes a decision, and a refusal sends nothing upstream.
+
+The matrix: every security-relevant body the gateway inspects (policy on create and on update,
+tenant references in a session create with a cold and a warm owner cache, the budget clamp,
+the owner tag, the inspection cap, an encoded request body) × every way a body arrives
+(HTTP/1.1 with content-length, chunked in pieces with pauses, chunked with trailers; HTTP/2 in
+one DATA frame, in many with pauses, followed by a trailers frame) × every `accept-encoding` a
+client may offer. Each cell asserts the exact status and error type, that a refusal reached
+the upstream with nothing at all (the emulator records a request the moment its head arrives),
+and, for calls let through, what the upstream stored and what the client read back (plain
+JSON, owner tag stripped), whatever compression the client offered.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import threading
+import urllib.request
+
+import pytest
+
+from tests.e2e import wire
+from tests.e2e.conftest import MANAGED_AGENTS_BETA, Gateway
+from tests.e2e.test_metering import expected_cost
+from tests.e2e.test_sdk import metering_snapshot
+from tests.harness import stack
+
+ALICE, BOB, POLICED, MONEY = "gw-wire-alice", "gw-wire-bob", "gw-wire-policed", "gw-wire-money"
+TAG = "ma_gateway_tenant"
+CAP = 4096
+CONFIG = {
+    "tenants": [{"name": n} for n in ("alice", "bob", "policed", "money")],
+    "gateway_keys": [{"name": n, "sha256": stack.sha256_hex(k), "tenant": n}
+                     for n, k in [("alice", ALICE), ("bob", BOB), ("policed", POLICED), ("money", MONEY)]],
+    "isolation": {"max_body_bytes": CAP},
+    "limits": {"budgets": {"tenants": {"money": {"microdollars_per_day": 50_000_000}}}},
+    "policy": {"tenants": {"policed": {"models": {"allow": ["claude-sonnet-4-*"]}, "vaults": False}}},
+    # Lookups in this module are the gateway's own; keep the reconciler out of the request log.
+    "metering": {"reconcile_interval_secs": 0},
+}
+CLOUD = {"type": "cloud", "networking": {"type": "unrestricted"}}
+LOOKUP_AGENT = "ma-gateway-reconciler"
+
+ARRIVALS = {
+    "h1-content-length": lambda port, path, headers, data: wire.http1(
+        port, "POST", path, headers, wire.Body([data]), chunked=False),
+    "h1-chunked-pauses": lambda port, path, headers, data: wire.http1(
+        port, "POST", path, headers, wire.Body(wire.split(data, 4), pause_s=0.04), chunked=True),
+    "h1-chunked-trailers": lambda port, path, headers, data: wire.http1(
+        port, "POST", path, headers, wire.Body(wire.split(data, 3), pause_s=0.02, trailers=[("x-checksum", "1")]),
+        chunked=True),
+    "h2-one-frame": lambda port, path, headers, data: wire.http2(
+        port, "POST", path, headers, wire.Body([data])),
+    "h2-frames-pauses": lambda port, path, headers, data: wire.http2(
+        port, "POST", path, headers, wire.Body(wire.split(data, 4), pause_s=0.04)),
+    "h2-trailers": lambda port, path, headers, data: wire.http2(
+        port, "POST", path, headers, wire.Body(wire.split(data, 3), pause_s=0.02, trailers=[("x-checksum", "1")])),
+}
+OFFERS = [None, "identity", "gzip", "gzip, deflate", "br", "zstd"]
+
+
+def direct(emulator, method: str, path: str, body=None) -> dict:
+    """A call straight to the emulator (never through the gateway): a resource created by
+    another replica or before this gateway started, i.e. one this gateway's cache never saw."""
+    req = urllib.request.Request(
+        emulator.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+        headers={"x-api-key": emulator.api_key, "anthropic-version": "2023-06-01",
+                 "anthropic-beta": MANAGED_AGENTS_BETA, "content-type": "application/json"})
+    context = getattr(emulator, "ssl_context", None)
+    with urllib.request.urlopen(req, timeout=10, **({"context": context} if context else {})) as resp:
+        return json.loads(resp.read())
+
+
+def cold_agent(emulator, tenant: str, model: str = "claude-sonnet-4-6") -> str:
+    return direct(emulator, "POST", "/v1/agents",
+                  {"name": "cold", "model": model, "metadata": {TAG: tenant}})["id"]
+
+
+def client_requests(emulator) -> list[dict]:
+    """What reached the upstream on behalf of clients (the gateway's own owner lookups aside)."""
+    def is_lookup(r):
+        return r["method"] == "GET" and any(
+            n.lower() == "user-agent" and v == LOOKUP_AGENT for n, v in r["headers"])
+    return [r for r in emulator.requests() if not is_lookup(r)]
+
+
+@pytest.fixture(scope="module")
+def wired(emulator):
+    config = stack.render_envoy_config(
+        upstream=stack.upstream_of(emulator) if hasattr(stack, "upstream_of")
+        else stack.Upstream("http", emulator.host, emulator.port),
+        listen_port=0, admin_port=0, gateway_keys={}, plugin_overrides=CONFIG,
+        **({"emulator": emulator} if "emulator" in stack.render_envoy_config.__code__.co_varnames else {}))
+    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
+    gw = Gateway(envoy, emulator)
+    ctx = {}
+    for tenant, key in (("alice", ALICE), ("bob", BOB), ("money", MONEY)):
+        ctx[f"{tenant}_agent"] = gw.ok("POST", "/v1/agents", key=key,
+                                       body={"name": tenant, "model": "claude-sonnet-4-6"})["id"]
+        ctx[f"{tenant}_env"] = gw.ok("POST", "/v1/environments", key=key,
+                                     body={"name": tenant, "config": CLOUD})["id"]
+    gw.ctx = ctx
+    yield gw
+    envoy.stop()
+
+
+def gzipped(body: dict) -> bytes:
+    return gzip.compress(json.dumps(body).encode())
+
+
+# name -> (key, path(gw), body(gw) as bytes, extra request headers, expected status, error type)
+OPERATIONS = {
+    "policy-agent-create": (
+        POLICED, lambda gw: "/v1/agents",
+        lambda gw: json.dumps({"name": "a", "model": "claude-opus-4-6"}).encode(), {}, 403, "permission_error"),
+    "policy-agent-update-cold-owner": (
+        POLICED, lambda gw: f"/v1/agents/{cold_agent(gw.emulator, 'policed')}",
+        lambda gw: json.dumps({"model": "claude-opus-4-6"}).encode(), {}, 403, "permission_error"),
+    "policy-vault-create": (
+        POLICED, lambda gw: "/v1/vaults", lambda gw: json.dumps({"name": "v"}).encode(), {}, 403,
+        "permission_error"),
+    "isolation-session-foreign-agent-cold": (
+        ALICE, lambda gw: "/v1/sessions",
+        lambda gw: json.dumps({"agent": cold_agent(gw.emulator, "bob"),
+                               "environment_id": gw.ctx["alice_env"]}).encode(), {}, 404, "not_found_error"),
+    "isolation-session-foreign-env-warm": (
+        ALICE, lambda gw: "/v1/sessions",
+        lambda gw: json.dumps({"agent": gw.ctx["alice_agent"], "environment_id": gw.ctx["bob_env"]}).encode(),
+        {}, 404, "not_found_error"),
+    "inspection-cap": (
+        ALICE, lambda gw: "/v1/agents",
+        lambda gw: json.dumps({"name": "big", "model": "claude-sonnet-4-6", "system": "x" * CAP}).encode(),
+        {}, 413, "request_too_large"),
+    "encoded-request-body": (
+        ALICE, lambda gw: "/v1/agents",
+        lambda gw: gzipped({"name": "gz", "model": "claude-sonnet-4-6"}), {"content-encoding": "gzip"}, 415,
+        "invalid_request_error"),
+    "budget-clamp-session-create": (
+        MONEY, lambda gw: "/v1/sessions",
+        lambda gw: json.dumps({"agent": gw.ctx["money_agent"], "environment_id": gw.ctx["money_env"],
+                               "budget": {"type": "limit", "max_list_cost": {"amount": "90000", "currency": "USD"}}}
+                              ).encode(), {}, 200, None),
+    "owner-tag-agent-create": (
+        ALICE, lambda gw: "/v1/agents",
+        lambda gw: json.dumps({"name": "tagged", "model": "claude-sonnet-4-6", "metadata": {TAG: "bob"}}).encode(),
+        {}, 200, None),
+}
+
+
+def headers_for(key: str, offer: str | None, extra: dict[str, str]) -> dict[str, str]:
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01", "anthropic-beta": MANAGED_AGENTS_BETA,
+               "content-type": "application/json", **extra}
+    if offer is not None:
+        headers["accept-encoding"] = offer
+    return headers
+
+
+@pytest.mark.parametrize("operation,arrival,offer", list(itertools.product(OPERATIONS, ARRIVALS, OFFERS)))
+def test_decision_is_the_same_however_the_body_arrives(wired, operation, arrival, offer):
+    gw = wired
+    key, path_of, body_of, extra, status, error_type = OPERATIONS[operation]
+    path, data = path_of(gw), body_of(gw)
+    gw.emulator.clear_requests()
+    reply = ARRIVALS[arrival](gw.port, path, headers_for(key, offer, extra), data)
+    assert reply.status == status, (reply.status, reply.headers, reply.body[:300])
+    # Whatever the client offered, it reads plain JSON (the gateway asked upstream for identity).
+    assert reply.headers.get("content-encoding", "identity") == "identity", reply.headers
+    body = reply.json()
+    if error_type is not None:
+        assert body["type"] == "error" and body["error"]["type"] == error_type, body
+        assert client_requests(gw.emulator) == [], "a refused call reached the upstream"
+        return
+    arrived = client_requests(gw.emulator)
+    assert [(r["method"], r["path"]) for r in arrived] == [("POST", path)], arrived
+    headers = {n.lower(): v for n, v in arrived[0]["headers"]}
+    assert headers.get("accept-encoding") == "identity", headers
+    stored = direct(gw.emulator, "GET", f"{path}/{body['id']}")
+    if operation == "budget-clamp-session-create":
+        assert stored["budget"] == {"type": "limit", "max_list_cost": {"amount": "5000", "currency": "USD"}}
+    if operation == "owner-tag-agent-create":
+        # The client's forged tag is replaced by its own tenant, and never shown back to it.
+        assert stored["metadata"][TAG] == "alice", stored["metadata"]
+        assert TAG not in body.get("metadata", {}), body
+        assert gw.call("GET", f"/v1/agents/{body['id']}", key=BOB).status == 404
+
+
+def test_another_replica_with_a_cold_cache_decides_the_same(wired, emulator):
+    """A resource created through one gateway is judged the same by a second one (another
+    replica, or this one after a restart) that never saw it: its owner is re-learnt upstream."""
+    gw = wired
+    config = stack.render_envoy_config(
+        upstream=stack.upstream_of(emulator) if hasattr(stack, "upstream_of")
+        else stack.Upstream("http", emulator.host, emulator.port),
+        listen_port=0, admin_port=0, gateway_keys={}, plugin_overrides=CONFIG,
+        **({"emulator": emulator} if "emulator" in stack.render_envoy_config.__code__.co_varnames else {}))
+    replica = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
+    try:
+        for arrival in ARRIVALS:
+            agent = gw.ok("POST", "/v1/agents", key=BOB, body={"name": "b", "model": "claude-sonnet-4-6"})["id"]
+            emulator.clear_requests()
+            data = json.dumps({"agent": agent, "environment_id": gw.ctx["alice_env"]}).encode()
+            reply = ARRIVALS[arrival](replica.listen_port, "/v1/sessions", headers_for(ALICE, "gzip", {}), data)
+            assert reply.status == 404, (arrival, reply.status, reply.body[:200])
+            assert client_requests(emulator) == [], arrival
+            # Its owner is now known there: the rightful tenant goes through.
+            data = json.dumps({"agent": agent, "environment_id": gw.ctx["bob_env"]}).encode()
+            reply = ARRIVALS[arrival](replica.listen_port, "/v1/sessions", headers_for(BOB, "gzip", {}), data)
+            assert reply.status == 200, (arrival, reply.status, reply.body[:200])
+    finally:
+        replica.stop()
+
+
+@pytest.mark.parametrize("protocol,offer", list(itertools.product(["h1", "h2"], OFFERS)))
+def test_streams_are_metered_exactly_whatever_the_client_offers(wired, protocol, offer):
+    """A turn streamed over HTTP/1.1 or HTTP/2 with each offer: the client reads plain SSE and
+    the gateway's counters grow by exactly what the emulator emitted for the session."""
+    gw = wired
+    agent = gw.ok("POST", "/v1/agents", key=BOB, body={"name": "m", "model": "claude-haiku-4-5"})["id"]
+    sid = gw.ok("POST", "/v1/sessions", key=BOB,
+                body={"agent": agent, "environment_id": gw.ctx["bob_env"]})["id"]
+    before = metering_snapshot(gw, "claude-haiku-4-5", tenant="bob")
+    opened, box = threading.Event(), {}
+    headers = headers_for(BOB, offer, {"accept": "text/event-stream"})
+
+    def read():
+        box["reply"] = wire.stream_until(gw.port, f"/v1/sessions/{sid}/events/stream", headers,
+                                         b"session.status_idle", protocol=protocol, opened=opened)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert opened.wait(15), "the stream did not open"
+    gw.ok("POST", f"/v1/sessions/{sid}/events", key=BOB, body={"events": [
+        {"type": "user.message", "content": [{"type": "text", "text": "metered on the wire"}]}]})
+    reader.join(30)
+    reply = box["reply"]
+    assert reply.status == 200 and reply.headers.get("content-encoding", "identity") == "identity", reply.headers
+    assert b"event: session.status_idle" in reply.body or b'"session.status_idle"' in reply.body
+    # The stream is closed by the client; the gateway has metered every span it carried.
+    gw.ok("GET", f"/v1/sessions/{sid}", key=BOB)
+    assert_metered_exactly_for(gw, sid, before, "claude-haiku-4-5", "bob")
+
+
+def assert_metered_exactly_for(gw, sid, before, model, tenant):
+    truth = gw.emulator.usage(sid)
+    after = metering_snapshot(gw, model, tenant=tenant)
+    grown = {k: after[k] - before[k] for k in after}
+    assert grown["input"] == truth["input_tokens"] > 0, (grown, truth)
+    assert grown["output"] == truth["output_tokens"] > 0, (grown, truth)
+    assert grown["cache_read"] == truth["cache_read_input_tokens"], (grown, truth)
+    assert grown["cache_write"] == truth["cache_creation_input_tokens"], (grown, truth)
+    assert grown["runtime"] == truth["active_seconds"], (grown, truth)
+    assert grown["cost"] == expected_cost(truth, model) > 0, (grown, truth)
