@@ -9,6 +9,7 @@ mod credentials;
 mod enforce;
 #[cfg(feature = "fault-injection")]
 mod fault_injection;
+mod head_hold;
 mod lookup;
 mod metrics;
 mod ownership;

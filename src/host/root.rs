@@ -21,6 +21,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 
 use super::credentials;
+use super::head_hold;
 use super::lookup;
 use super::metrics::Metrics;
 use super::store::SharedData;
@@ -28,6 +29,7 @@ use super::stream::GatewayStream;
 use crate::accounting;
 use crate::config::{Origin, Plan, VaultSource};
 use crate::credentials::{next_refresh_secs, parse_vault_kv2};
+use crate::errors::{gateway_request_id, ApiError, ErrorKind};
 use crate::limits::{self, Class, LimitScope};
 use crate::reconcile::{self, RECONCILER_ROOT_ID};
 
@@ -47,6 +49,8 @@ pub struct GatewayRoot {
     vault_schedule: HashMap<String, (u64, u32)>,
     /// Background service: calls in flight, by call token.
     in_flight: HashMap<u32, Pending>,
+    /// This root is the background service (not the HTTP filter).
+    is_reconciler: bool,
 }
 
 /// What a dispatched call was for.
@@ -65,6 +69,42 @@ impl GatewayRoot {
             next_reconcile: 0,
             vault_schedule: HashMap::new(),
             in_flight: HashMap::new(),
+            is_reconciler: false,
+        }
+    }
+
+    /// The HTTP filter's tick: streams whose held head never got its body (Envoy lacks
+    /// `allow_on_headers_stop_iteration`) are answered with a 500 naming the setting.
+    fn answer_stuck_heads(&self) {
+        let stuck = head_hold::overdue(super::now_ms());
+        if stuck.is_empty() {
+            return;
+        }
+        log::error!(
+            "#{} config error: {} request(s) held for their body got none within {} ms: set `allow_on_headers_stop_iteration: true` on this Wasm filter (Envoy >= 1.35), or `isolation.hold_request_head: false` where the host cannot",
+            self.context_id,
+            stuck.len(),
+            head_hold::UNPROVEN_HOLD_LIMIT_MS
+        );
+        let error = ApiError::new(
+            ErrorKind::Api,
+            "gateway misconfiguration: Envoy does not deliver request bodies to the filter while it holds the head (set allow_on_headers_stop_iteration: true on the Wasm filter, or isolation.hold_request_head: false); nothing was forwarded",
+        );
+        let body = error.envelope(&gateway_request_id(None));
+        for context_id in stuck {
+            if hostcalls::set_effective_context(context_id).is_err() {
+                continue;
+            }
+            if let Err(status) = hostcalls::send_http_response(
+                500,
+                vec![
+                    ("content-type", "application/json"),
+                    ("x-should-retry", "false"),
+                ],
+                Some(&body),
+            ) {
+                log::warn!("#{context_id} stuck request not answered: {status:?}");
+            }
         }
     }
 
@@ -226,7 +266,8 @@ impl RootContext for GatewayRoot {
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
-        if root_id == RECONCILER_ROOT_ID {
+        self.is_reconciler = root_id == RECONCILER_ROOT_ID;
+        if self.is_reconciler {
             // One-second ticks; each duty keeps its own due time.
             if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
                 log::error!(
@@ -243,6 +284,15 @@ impl RootContext for GatewayRoot {
                 plan.credentials.iter().filter(|c| matches!(c.origin, Origin::Vault(_))).count()
             );
         } else {
+            if plan.isolation.hold_request_head {
+                // The watch on held heads (see head_hold): one-second ticks in each worker VM.
+                if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                    log::warn!(
+                        "#{} cannot start the held-head watch: {status:?}",
+                        self.context_id
+                    );
+                }
+            }
             log::info!(
                 "#{} ma-gateway {} ({}) configured: upstream {}, {} gateway key(s), {} tenant(s), neighbours [{}]",
                 self.context_id,
@@ -259,6 +309,10 @@ impl RootContext for GatewayRoot {
     }
 
     fn on_tick(&mut self) {
+        if !self.is_reconciler {
+            self.answer_stuck_heads();
+            return;
+        }
         #[cfg(feature = "fault-injection")]
         super::fault_injection::on_tick();
         let Some(plan) = self.plan.clone() else {

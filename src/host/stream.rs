@@ -25,6 +25,7 @@ use proxy_wasm::types::{Action, BufferType, MapType, Status};
 
 use super::claims;
 use super::credentials::{self, SharedKeys};
+use super::head_hold;
 use super::lookup;
 use super::metrics::Metrics;
 use super::now_ms;
@@ -522,12 +523,14 @@ impl HttpContext for GatewayStream {
             // Hold the head too until the body is decided, so a refusal sends nothing
             // upstream. With `allow_on_headers_stop_iteration` Envoy keeps delivering the body
             // to this filter meanwhile; `advance` lets head, body and trailers go together.
+            head_hold::held(self.context_id, now_ms());
             return Action::Pause;
         }
         action
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        head_hold::body_arrived(self.context_id);
         if self.gate == Gate::Refused {
             return Action::Pause;
         }
@@ -556,6 +559,7 @@ impl HttpContext for GatewayStream {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        head_hold::body_arrived(self.context_id);
         if self.gate == Gate::Refused {
             return Action::Pause;
         }
@@ -668,6 +672,7 @@ impl HttpContext for GatewayStream {
     fn on_log(&mut self) {
         #[cfg(feature = "fault-injection")]
         super::fault_injection::forget(self.context_id);
+        head_hold::forget(self.context_id);
         let (family, action) = match &self.admitted {
             Some(admitted) => (
                 admitted.operation.family.as_str(),

@@ -252,3 +252,45 @@ def assert_metered_exactly_for(gw, sid, before, model, tenant):
     assert grown["cache_write"] == truth["cache_creation_input_tokens"], (grown, truth)
     assert grown["runtime"] == truth["active_seconds"], (grown, truth)
     assert grown["cost"] == expected_cost(truth, model) > 0, (grown, truth)
+
+
+def _gateway_without_the_envoy_setting(emulator, overrides: dict) -> stack.Envoy:
+    config = stack.render_envoy_config(
+        upstream=stack.upstream_of(emulator) if hasattr(stack, "upstream_of")
+        else stack.Upstream("http", emulator.host, emulator.port),
+        listen_port=0, admin_port=0, gateway_keys={}, plugin_overrides={**CONFIG, **overrides},
+        **({"emulator": emulator} if "emulator" in stack.render_envoy_config.__code__.co_varnames else {}))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = next(f for f in hcm["http_filters"] if f["name"] == "ma_gateway")["typed_config"]["config"]
+    del wasm["allow_on_headers_stop_iteration"]
+    return stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
+
+
+def test_a_config_without_allow_on_headers_stop_iteration_answers_500_naming_it(emulator):
+    """The careless operator: the plugin holds heads (the default) but Envoy was not told to
+    let it. Such a call is answered 500 with the setting's name (and logged), not left hanging,
+    and nothing reaches the upstream; `hold_request_head: false` then works without it."""
+    envoy = _gateway_without_the_envoy_setting(emulator, {})
+    try:
+        emulator.clear_requests()
+        data = json.dumps({"name": "a", "model": "claude-sonnet-4-6"}).encode()
+        reply = wire.http1(envoy.listen_port, "POST", "/v1/agents", headers_for(ALICE, None, {}),
+                           wire.Body([data]), chunked=False, timeout=30)
+        assert reply.status == 500, reply.body
+        assert "allow_on_headers_stop_iteration" in reply.json()["error"]["message"]
+        assert client_requests(emulator) == []
+        assert "set `allow_on_headers_stop_iteration: true`" in envoy.log()
+    finally:
+        envoy.stop()
+    envoy = _gateway_without_the_envoy_setting(emulator, {"isolation": {"max_body_bytes": CAP,
+                                                                        "hold_request_head": False}})
+    try:
+        for arrival in ("h1-content-length", "h2-trailers"):
+            data = json.dumps({"name": "a", "model": "claude-sonnet-4-6"}).encode()
+            assert ARRIVALS[arrival](envoy.listen_port, "/v1/agents", headers_for(ALICE, "gzip", {}),
+                                     data).status == 200
+            data = json.dumps({"name": "a", "model": "claude-opus-4-6"}).encode()
+            reply = ARRIVALS[arrival](envoy.listen_port, "/v1/agents", headers_for(POLICED, "gzip", {}), data)
+            assert reply.status == 403, reply.body
+    finally:
+        envoy.stop()
