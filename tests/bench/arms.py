@@ -156,7 +156,7 @@ def gateway_headers() -> dict[str, str]:
 
 def full_config(emulator: stack.Emulator, runtime: str, audit_path: Path, wasm_path: Path = stack.WASM) -> dict:
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port),
+        upstream=emulator.upstream,
         listen_port=0,
         admin_port=0,
         gateway_keys={"bench": GATEWAY_KEY},
@@ -490,13 +490,13 @@ def variant_configs(emulator: stack.Emulator, audit_dir: Path, *, with_o3: bool)
     _hcm(cfg).pop("access_log", None)
     out["A3-no-logs"] = ("A3 without the access logs (filter only)", cfg)
     cfg = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys={"bench": GATEWAY_KEY}, plugin_overrides=None, audit_path=audit_dir / "V-min.log")
     out["A3-minimal"] = ("shipped default plugin config: key auth, routing, injection, metering; "
                          "no tenants/isolation/limits; logs", cfg)
     no_limits = {k: v for k, v in FULL_PLUGIN.items() if k != "limits"}
     cfg = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys={"bench": GATEWAY_KEY}, plugin_overrides=no_limits, audit_path=audit_dir / "V-nolim.log")
     out["A3-no-limits"] = ("A3 without limits/budgets (tenant, isolation, audit kept)", cfg)
     if with_o3:

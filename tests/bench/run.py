@@ -163,8 +163,12 @@ class Bench:
             if not artifact.exists():
                 raise SystemExit(f"{artifact} is missing: run `make build` first")
         if self.emulator is None:
+            # Plaintext, uncompressed, one write per event: the benchmark measures the gateway
+            # against a cheap baseline (arm A0 drives the emulator directly over plain HTTP,
+            # A5 is LiteLLM pointed at it); the adversarial wire is the e2e suite's job.
             self.emulator = stack.Emulator(api_key=stack.new_emulator_key(), heartbeat_ms=5000,
-                                           extra_args=["--event-delay-ms", "1"])
+                                           extra_args=["--event-delay-ms", "1"],
+                                           tls=False, compression="off", chunking="plain")
         emu = self.emulator
         a5 = self.a5 or self.launch_litellm()
         a0 = A.Arm(name="A0", label="direct to the emulator", headers=A.direct_headers(emu),
@@ -205,8 +209,12 @@ class Bench:
     def launch_litellm(self) -> A.Arm:
         """Starts LiteLLM early (its start takes ~20 s; awaited at the end of `start`)."""
         if self.emulator is None:
+            # Plaintext, uncompressed, one write per event: the benchmark measures the gateway
+            # against a cheap baseline (arm A0 drives the emulator directly over plain HTTP,
+            # A5 is LiteLLM pointed at it); the adversarial wire is the e2e suite's job.
             self.emulator = stack.Emulator(api_key=stack.new_emulator_key(), heartbeat_ms=5000,
-                                           extra_args=["--event-delay-ms", "1"])
+                                           extra_args=["--event-delay-ms", "1"],
+                                           tls=False, compression="off", chunking="plain")
         log("launching A5 (LiteLLM)" + ("" if self.p.smoke else "; installing it first if needed"))
         self.a5 = A.litellm_arm(self.emulator, install=not self.p.smoke, install_timeout=600,
                                 workers=1 if self.p.smoke else 2)

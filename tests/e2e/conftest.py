@@ -70,14 +70,17 @@ def emulator():
     for artifact in (stack.WASM, stack.EMULATOR):
         if not artifact.exists():
             pytest.fail(f"{artifact} is missing: run the suite through `make test` (it builds first)")
-    emu = stack.Emulator(api_key=stack.new_emulator_key(), heartbeat_ms=2000)
+    # Like api.anthropic.com on the wire: TLS (ALPN h2/http1.1), responses compressed per
+    # accept-encoding, bodies and events cut at awkward places.
+    emu = stack.Emulator(api_key=stack.new_emulator_key(), heartbeat_ms=2000,
+                         tls=True, compression="auto", chunking="awkward")
     yield emu
     emu.stop()
 
 
 def start_gateway(emulator: stack.Emulator, *, api_key: str | None, plugin_overrides=None) -> stack.Envoy:
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port),
+        upstream=emulator.upstream,
         listen_port=0,
         admin_port=0,
         gateway_keys=KEYS,

@@ -26,7 +26,7 @@ def audited(emulator, tmp_path_factory):
         # Auditors may read once a minute: their second list is rate-limited.
         limits={"tenants": {"auditors": {"read": {"per_minute": 1, "burst": 1}}}})
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys={}, plugin_overrides=overrides, audit_path=audit_path)
     envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
     yield Gateway(envoy, emulator), audit_path

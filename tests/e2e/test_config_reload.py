@@ -129,9 +129,19 @@ def test_example_listener_validates_as_a_static_listener(tmp_path):
     assert "config error" not in result.stdout + result.stderr
 
 
+@pytest.fixture(scope="module")
+def emulator():
+    # Plaintext for this module: tests/harness/dynamic.py renders the examples' `anthropic`
+    # cluster without its TLS transport socket (plain HTTP/1.1), so the LDS/ECDS gateways
+    # cannot reach the session's TLS emulator. Still compressing and chunking awkwardly.
+    emu = stack.Emulator(api_key=stack.new_emulator_key(), heartbeat_ms=2000, tls=False)
+    yield emu
+    emu.stop()
+
+
 @pytest.fixture
 def upstream(emulator) -> stack.Upstream:
-    return stack.Upstream("http", emulator.host, emulator.port)
+    return emulator.upstream
 
 
 def start(emulator, upstream, flags: list[str], keys: dict[str, str]) -> tuple[dynamic.DynamicEnvoy, Gateway, int]:

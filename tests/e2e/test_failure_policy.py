@@ -120,7 +120,7 @@ def start(emulator, fault_wasm, *, policy: str | None = None, proposed: bool = F
     """Envoy from the shipped envoy.yaml with the fault build, one worker; `policy` overrides
     the shipped failure_policy; `proposed` adds the proposed local reply and reload configs."""
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys=KEYS, wasm_path=fault_wasm, plugin_overrides=plugin_overrides, audit_path=audit_path)
     hcm, wasm = _filter_config(config)
     if policy is not None:

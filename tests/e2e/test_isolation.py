@@ -33,7 +33,7 @@ CLOUD = {"type": "cloud", "networking": {"type": "unrestricted"}}
 
 def start(emulator) -> Gateway:
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys={}, plugin_overrides=TENANTS)
     return Gateway(stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start(), emulator)
 
@@ -157,7 +157,7 @@ def test_the_owner_is_recorded_upstream_and_cannot_be_overridden(world):
     req = urllib.request.Request(f"{gw.emulator.url}/v1/agents/{a['agent']}",
                                  headers={"x-api-key": gw.emulator.api_key, "anthropic-version": "2023-06-01",
                                           "anthropic-beta": "managed-agents-2026-04-01"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
+    with gw.emulator.urlopen(req) as resp:
         stored = json.loads(resp.read())
     assert stored["metadata"] == {"team": "blue", "ma_gateway_tenant": "acme"}
 

@@ -40,7 +40,7 @@ def jwt_gateway(emulator, keys, tmp_path_factory):
     idp, _ = keys
     jwks_path = jwt.write_jwks(tmp_path_factory.mktemp("jwks") / "jwks.json", idp)
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port),
+        upstream=emulator.upstream,
         listen_port=0, admin_port=0, gateway_keys=KEYS,
         plugin_overrides={"jwt": {"tenant_claim": "org", "scopes_claim": "scope"}},
     )

@@ -42,7 +42,7 @@ def sweep(emulator, tmp_path_factory):
     audit_path = tmp_path_factory.mktemp("leaks") / "audit.log"
     overrides = dict(TENANTS, limits={"tenants": {"auditors": {"read": {"per_minute": 2, "burst": 2}}}})
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys={}, plugin_overrides=overrides, audit_path=audit_path)
     envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
     s = Sweep(Gateway(envoy, emulator), audit_path)
@@ -101,7 +101,7 @@ class Sweep:
 
         req = urllib.request.Request(self.gw.emulator.url + "/_emulator/faults", method="POST",
                                      data=json.dumps(fault).encode(), headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with self.gw.emulator.urlopen(req) as resp:
             resp.read()
 
 

@@ -54,7 +54,7 @@ CONFIG = {
 @pytest.fixture(scope="module")
 def limited(emulator):
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys={}, plugin_overrides=CONFIG)
     envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key), concurrency=2).start()
     yield Gateway(envoy, emulator)
@@ -169,7 +169,7 @@ def test_the_session_budget_is_clamped_to_what_the_tenant_has_left(limited):
     req = urllib.request.Request(f"{gw.emulator.url}/v1/sessions/{sid}", headers={
         "x-api-key": gw.emulator.api_key, "anthropic-version": "2023-06-01",
         "anthropic-beta": "managed-agents-2026-04-01"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
+    with gw.emulator.urlopen(req) as resp:
         stored = json.loads(resp.read())
     assert stored["budget"] == {"type": "limit", "max_list_cost": {"amount": "5000", "currency": "USD"}}
 

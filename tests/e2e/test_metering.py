@@ -215,7 +215,7 @@ def test_a_50_mb_stream_passes_with_flat_filter_memory(emulator):
     """50 × 1 MiB agent.message events stream through; the usage span after them is metered and
     the Wasm VM's linear memory does not grow (one worker, so the gauge is that VM's)."""
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys=KEYS)
     envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key), concurrency=1).start()
     try:

@@ -267,7 +267,7 @@ def wasm_server(wasm_copy):
 def remote_config(emulator: stack.Emulator, server: FileServer, sha256: str) -> tuple[dict, str]:
     """The shipped config with `vm_config.code` remote (filter and reconciler alike)."""
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port),
+        upstream=emulator.upstream,
         listen_port=0, admin_port=0, gateway_keys=KEYS)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     filter_vm = next(f for f in hcm["http_filters"] if f["name"] == "ma_gateway")["typed_config"]["config"]["vm_config"]

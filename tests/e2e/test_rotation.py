@@ -23,7 +23,7 @@ def rotating(emulator):
     vault = FakeVault(VAULT_TOKEN)
     vault.put(SECRET_PATH, emulator.api_key)
     config = stack.render_envoy_config(
-        upstream=stack.Upstream("http", emulator.host, emulator.port), listen_port=0, admin_port=0,
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys=KEYS,
         plugin_overrides={"credentials": [{"name": "default", "vault": {
             "cluster": "vault", "authority": "vault.local", "path": SECRET_PATH,

@@ -35,7 +35,7 @@ def main() -> int:
     else:
         api_key = stack.new_emulator_key()
         emulator = stack.Emulator(api_key=api_key)
-        upstream = stack.Upstream("http", emulator.host, emulator.port)
+        upstream = emulator.upstream
         where = f"the bundled emulator at {emulator.url} (no ANTHROPIC_API_KEY set)"
 
     audit_log = stack.ROOT / ".run" / "audit.log"

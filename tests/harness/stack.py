@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -66,17 +68,32 @@ def _wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 
 
 class Emulator:
-    """The native emulator on a free loopback port."""
+    """The native emulator on a free loopback port.
 
-    def __init__(self, api_key: str, heartbeat_ms: int = 15000, extra_args: list[str] | None = None):
+    By default it behaves like api.anthropic.com on the wire: TLS with ALPN h2/http1.1 (a
+    fresh certificate for `ma-emulator.test` and 127.0.0.1; its CA's PEM in `ca_file`),
+    responses compressed per `accept-encoding` (`compression="off"`: never) and bodies cut at
+    seeded random places (`chunking="plain"`: one write per event or body). `tls=False`
+    serves plaintext HTTP/1.1 and h2c prior knowledge.
+    """
+
+    TLS_SERVER_NAME = "ma-emulator.test"
+
+    def __init__(self, api_key: str, heartbeat_ms: int = 15000, extra_args: list[str] | None = None,
+                 *, tls: bool = True, compression: str = "auto", chunking: str = "awkward"):
         self.api_key = api_key
+        self.tls = tls
+        self.workdir = Path(tempfile.mkdtemp(prefix="ma-emulator-"))
+        self.ca_file: Path | None = self.workdir / "ca.pem" if tls else None
         args = [
             str(EMULATOR),
             "--listen", "127.0.0.1:0",
             "--api-key", api_key,
             "--heartbeat-ms", str(heartbeat_ms),
+            "--compression", compression,
+            "--chunking", chunking,
             "--exit-on-stdin-eof",
-        ] + (extra_args or [])
+        ] + (["--tls-cert-out", str(self.ca_file)] if tls else []) + (extra_args or [])
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True
         )
@@ -95,12 +112,27 @@ class Emulator:
         self.address = line.split(" ", 1)[1]
         self.host, port = self.address.rsplit(":", 1)
         self.port = int(port)
-        self.url = f"http://{self.address}"
+        self.scheme = "https" if tls else "http"
+        self.url = f"{self.scheme}://{self.address}"
+        # Trusts only this emulator's CA; checks the certificate for 127.0.0.1 (it carries
+        # that IP as well as ma-emulator.test).
+        self.ssl_context = ssl.create_default_context(cafile=str(self.ca_file)) if tls else None
+
+    @property
+    def upstream(self) -> "Upstream":
+        """Where a gateway in front of this emulator sends calls."""
+        if self.tls:
+            return Upstream("https", self.host, self.port, sni=self.TLS_SERVER_NAME, ca_file=str(self.ca_file))
+        return Upstream("http", self.host, self.port)
+
+    def urlopen(self, req: "urllib.request.Request | str", timeout: float = 10):
+        """urllib.request.urlopen to this emulator (trusting its certificate)."""
+        return urllib.request.urlopen(req, timeout=timeout, context=self.ssl_context)
 
     def private(self, path: str, method: str = "GET"):
         """Calls a private /_emulator endpoint directly (never through the gateway)."""
         req = urllib.request.Request(self.url + path, method=method)
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with self.urlopen(req) as resp:
             body = resp.read()
         return json.loads(body) if body else None
 
@@ -115,7 +147,7 @@ class Emulator:
         req = urllib.request.Request(self.url + "/_emulator/api-keys", method="POST",
                                      data=json.dumps({"keys": keys}).encode(),
                                      headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with self.urlopen(req) as resp:
             resp.read()
 
     def usage(self, session_id: str) -> dict:
@@ -123,6 +155,7 @@ class Emulator:
 
     def stop(self):
         _stop(self.proc)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _stop(proc: subprocess.Popen, grace: float = 10):
@@ -148,6 +181,10 @@ class Upstream:
     scheme: str
     host: str
     port: int
+    # TLS only: the name to send as SNI and to match in the certificate (default: host), and
+    # a CA bundle to trust instead of the system one (a test emulator's own CA).
+    sni: str | None = None
+    ca_file: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> "Upstream":
@@ -213,11 +250,15 @@ def render_envoy_config(
     endpoint["address"]["socket_address"].update(address=upstream.host, port_value=upstream.port)
     options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     if upstream.scheme == "https":
+        # The shipped TLS cluster (ALPN h2/http1.1 via auto_config): only SNI, the SAN to
+        # match and, for a test emulator, the CA to trust change.
         tls = cluster["transport_socket"]["typed_config"]
-        tls["sni"] = upstream.host
-        tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] = [
-            {"san_type": "DNS", "matcher": {"exact": upstream.host}}
-        ]
+        name = upstream.sni or upstream.host
+        tls["sni"] = name
+        validation = tls["common_tls_context"]["validation_context"]
+        validation["match_typed_subject_alt_names"] = [{"san_type": "DNS", "matcher": {"exact": name}}]
+        if upstream.ca_file:
+            validation["trusted_ca"] = {"filename": upstream.ca_file}
     else:
         # Plain HTTP/1.1 to a local or corporate upstream: no TLS, no ALPN negotiation.
         del cluster["transport_socket"]
@@ -320,3 +361,8 @@ def validate_config(config_path: Path) -> subprocess.CompletedProcess:
 
 def new_emulator_key() -> str:
     return "sk-ant-emulator-" + secrets.token_hex(12)
+
+
+def upstream_of(emulator: Emulator) -> Upstream:
+    """The upstream a gateway in front of `emulator` uses (TLS or not, as it serves)."""
+    return emulator.upstream

@@ -106,7 +106,7 @@ class Soak:
                              {"name": "bob", "sha256": stack.sha256_hex(BOB), "tenant": "globex"}],
         }
         config = stack.render_envoy_config(
-            upstream=stack.Upstream("http", self.emulator.host, self.emulator.port), listen_port=0,
+            upstream=self.emulator.upstream, listen_port=0,
             admin_port=0, gateway_keys={}, plugin_overrides=overrides, audit_path=self.audit_path)
         from tests.e2e.test_faults import shorten_hang_bounds
 
@@ -153,7 +153,7 @@ class Soak:
     def fault(self, **fault):
         req = urllib.request.Request(self.emulator.url + "/_emulator/faults", method="POST",
                                      data=json.dumps(fault).encode(), headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with self.emulator.urlopen(req) as resp:
             resp.read()
 
     def new_session(self, key: str, rng: random.Random) -> str:
