@@ -12,7 +12,7 @@ EMULATOR     := target/release/ma-emulator
 ENVOY_CONFIGS := envoy.yaml $(wildcard examples/*.envoy.yaml)
 DEBIAN_PACKAGES := ca-certificates umoci skopeo docker-registry wrk nghttp2-client
 
-.PHONY: all run test bench bench-smoke reliability reliability-short soak-short fuzz fuzz-smoke wasm-test lint unit validate e2e build wasm wasm-fault emulator toolchain venv debs clean
+.PHONY: all run test bench bench-smoke reliability reliability-short soak-short fuzz fuzz-smoke wasm-test lint unit validate e2e build wasm wasm-fault emulator toolchain venv sdk-ts debs clean
 
 all: build
 
@@ -84,6 +84,14 @@ $(VENV_STAMP): tests/requirements.txt | debs
 
 venv: $(VENV_STAMP)
 
+# The official TypeScript SDK (tests/sdk-ts, pinned and locked) for the e2e flow it drives.
+SDK_TS_STAMP := tests/sdk-ts/node_modules/.installed
+$(SDK_TS_STAMP): tests/sdk-ts/package.json tests/sdk-ts/package-lock.json
+	npm --prefix tests/sdk-ts ci --no-audit --no-fund
+	@touch $@
+
+sdk-ts: $(SDK_TS_STAMP)
+
 # The VM logs the source revision it was built from.
 REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
@@ -125,7 +133,7 @@ validate: wasm venv
 	  ANTHROPIC_API_KEY=validate-only $(VENV)/bin/envoy --mode validate -c $$c --disable-hot-restart -l error >/dev/null || exit 1; \
 	done
 
-e2e: build wasm-fault venv
+e2e: build wasm-fault venv sdk-ts
 	$(VENV_PY) -m pytest -q tests/e2e
 
 clean:

@@ -555,6 +555,21 @@ fn private(app: &App, req: &Request, segments: &[&str]) -> ApiResult {
             ok(&json!({"faults": faults.iter().map(Fault::to_json).collect::<Vec<_>>()}))
         }
         ("POST", ["faults"]) => add_fault(app, req),
+        ("POST", ["compression"]) => {
+            let body = body_object(req)?;
+            let always = match body.get("mode").and_then(Value::as_str) {
+                Some("always") => true,
+                Some("configured") => false,
+                _ => {
+                    return Err(ApiError::new(
+                        400,
+                        "mode must be \"always\" or \"configured\"",
+                    ))
+                }
+            };
+            crate::server::FORCE_GZIP.store(always, std::sync::atomic::Ordering::Relaxed);
+            ok(&json!({"ok": true, "mode": if always { "always" } else { "configured" }}))
+        }
         ("DELETE", ["faults"]) => {
             app.faults.lock().unwrap_or_else(|e| e.into_inner()).clear();
             ok(&json!({"ok": true}))

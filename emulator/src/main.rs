@@ -4,7 +4,7 @@
 //! ```text
 //! ma-emulator --listen 127.0.0.1:0 --api-key KEY [--heartbeat-ms 15000]
 //!             [--heartbeat comment|event] [--event-delay-ms 20] [--seed N]
-//!             [--tls-cert-out PATH] [--compression auto|off] [--chunking awkward|plain]
+//!             [--tls-cert-out PATH] [--compression auto|off|always] [--chunking awkward|plain]
 //!             [--exit-on-stdin-eof] [--verbose]
 //! ```
 //!
@@ -46,7 +46,7 @@ use crate::sse::HeartbeatKind;
 
 const USAGE: &str = "usage: ma-emulator --listen ADDR:PORT --api-key KEY [--heartbeat-ms MS] \
 [--heartbeat comment|event] [--event-delay-ms MS] [--seed N] [--tls-cert-out PATH] \
-[--compression auto|off] [--chunking awkward|plain] [--exit-on-stdin-eof] [--verbose]";
+[--compression auto|off|always] [--chunking awkward|plain] [--exit-on-stdin-eof] [--verbose]";
 
 /// Runtime configuration, from the command line.
 #[derive(Debug, Clone)]
@@ -118,6 +118,7 @@ impl Config {
                     compression = match value()?.as_str() {
                         "auto" => Compression::Auto,
                         "off" => Compression::Off,
+                        "always" => Compression::Always,
                         other => return Err(format!("--compression: unknown mode '{other}'")),
                     }
                 }

@@ -47,6 +47,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames of a stream queued between its handler thread and the connection.
 const STREAM_QUEUE: usize = 8;
 
+/// Set by `POST /_emulator/compression {"mode": "always"}`: from now on every response is gzip
+/// whatever the client offers, as with `--compression always` (an upstream that changed its
+/// behaviour under a running gateway); `{"mode": "configured"}` goes back to the flag.
+pub static FORCE_GZIP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Response compression (`--compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -54,6 +59,9 @@ pub enum Compression {
     Auto,
     /// Never compress.
     Off,
+    /// gzip whatever the client offers, even `identity`: an upstream (or a middlebox) that
+    /// ignores `accept-encoding`, for tests of what a gateway does with bytes it cannot read.
+    Always,
 }
 
 /// How bodies are cut into writes (`--chunking`).
@@ -249,6 +257,7 @@ async fn respond<H: Handler>(
     let mut request = Request::new(parts.method.as_str(), &target, headers, proto);
     let token = ctx.handler.arrived(&request);
     let accept = encoding::parse_accept(request.header_values("accept-encoding"));
+    let path = request.path.clone();
 
     // The body, up to its end or the limit.
     let mut report = BodyReport::default();
@@ -337,9 +346,15 @@ async fn respond<H: Handler>(
         }
     };
     let compress = ctx.opts.compression == Compression::Auto;
+    // The private test endpoints stay readable for the tests that flip this.
+    let private = path.starts_with("/_emulator");
+    let forced = ctx.opts.compression == Compression::Always
+        || (FORCE_GZIP.load(std::sync::atomic::Ordering::Relaxed) && !private);
     match reply {
         Reply::Full(resp) => {
-            let coding = if compress && !resp.body.is_empty() {
+            let coding = if forced && !resp.body.is_empty() {
+                Coding::Gzip
+            } else if compress && !resp.body.is_empty() {
                 encoding::choose(&accept, encoding::FULL_PREFERENCE)
             } else {
                 Coding::Identity
@@ -347,7 +362,9 @@ async fn respond<H: Handler>(
             full(resp, coding, ctx.rng(), None)
         }
         Reply::Stream(stream) => {
-            let coding = if compress {
+            let coding = if forced {
+                Coding::Gzip
+            } else if compress {
                 encoding::choose(&accept, encoding::STREAM_PREFERENCE)
             } else {
                 Coding::Identity

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tests.bench import arms as A
+from tests.bench import wire_cost
 from tests.bench import loads as L
 from tests.harness import stack
 
@@ -746,7 +747,12 @@ def main(argv=None) -> int:
         bench.workload5()
     finally:
         bench.stop()
+    log("on-the-wire design cost (identity upstream, held heads)")
+    wire = wire_cost.run(smoke=p.smoke)
+    bench.results["wire_cost"] = wire
     report, problems = build_report(bench, m, scanner, time.monotonic() - started)
+    report += "\n\n" + "\n".join(wire_cost.report_lines(wire))
+    problems += [f"wire cost: {e}" for e in wire["errors"]]
     REPORT.write_text(report + "\n")
     (A.BENCH_DIR / "results.json").write_text(json.dumps(bench.results, indent=1, default=str))
     if not p.smoke and not args.no_commit_copy:

@@ -9,6 +9,7 @@ skipped with that reason otherwise."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -38,6 +39,9 @@ def _missing_prerequisite() -> str | None:
     return None
 
 
+# `make e2e` installs the SDK first, so in CI a missing prerequisite is a failure, never a skip.
+if os.environ.get("CI") and _missing_prerequisite() is not None:
+    raise RuntimeError(f"CI run without the TypeScript SDK: {_missing_prerequisite()}")
 pytestmark = pytest.mark.skipif(_missing_prerequisite() is not None, reason=_missing_prerequisite() or "")
 
 

@@ -68,9 +68,10 @@ def direct(emulator, method: str, path: str, body=None) -> dict:
         emulator.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
         headers={"x-api-key": emulator.api_key, "anthropic-version": "2023-06-01",
                  "anthropic-beta": MANAGED_AGENTS_BETA, "content-type": "application/json"})
-    context = getattr(emulator, "ssl_context", None)
-    with urllib.request.urlopen(req, timeout=10, **({"context": context} if context else {})) as resp:
-        return json.loads(resp.read())
+    with emulator.urlopen(req) as resp:
+        data = resp.read()
+        # Only an emulator told to compress whatever is offered (`compression="always"`) does.
+        return json.loads(gzip.decompress(data) if resp.headers.get("content-encoding") == "gzip" else data)
 
 
 def cold_agent(emulator, tenant: str, model: str = "claude-sonnet-4-6") -> str:
@@ -88,11 +89,8 @@ def client_requests(emulator) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def wired(emulator):
-    config = stack.render_envoy_config(
-        upstream=stack.upstream_of(emulator) if hasattr(stack, "upstream_of")
-        else stack.Upstream("http", emulator.host, emulator.port),
-        listen_port=0, admin_port=0, gateway_keys={}, plugin_overrides=CONFIG,
-        **({"emulator": emulator} if "emulator" in stack.render_envoy_config.__code__.co_varnames else {}))
+    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
+                                       gateway_keys={}, plugin_overrides=CONFIG)
     envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
     gw = Gateway(envoy, emulator)
     ctx = {}
@@ -190,11 +188,8 @@ def test_another_replica_with_a_cold_cache_decides_the_same(wired, emulator):
     """A resource created through one gateway is judged the same by a second one (another
     replica, or this one after a restart) that never saw it: its owner is re-learnt upstream."""
     gw = wired
-    config = stack.render_envoy_config(
-        upstream=stack.upstream_of(emulator) if hasattr(stack, "upstream_of")
-        else stack.Upstream("http", emulator.host, emulator.port),
-        listen_port=0, admin_port=0, gateway_keys={}, plugin_overrides=CONFIG,
-        **({"emulator": emulator} if "emulator" in stack.render_envoy_config.__code__.co_varnames else {}))
+    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
+                                       gateway_keys={}, plugin_overrides=CONFIG)
     replica = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
     try:
         for arrival in ARRIVALS:
@@ -255,11 +250,8 @@ def assert_metered_exactly_for(gw, sid, before, model, tenant):
 
 
 def _gateway_without_the_envoy_setting(emulator, overrides: dict) -> stack.Envoy:
-    config = stack.render_envoy_config(
-        upstream=stack.upstream_of(emulator) if hasattr(stack, "upstream_of")
-        else stack.Upstream("http", emulator.host, emulator.port),
-        listen_port=0, admin_port=0, gateway_keys={}, plugin_overrides={**CONFIG, **overrides},
-        **({"emulator": emulator} if "emulator" in stack.render_envoy_config.__code__.co_varnames else {}))
+    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
+                                       gateway_keys={}, plugin_overrides={**CONFIG, **overrides})
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     wasm = next(f for f in hcm["http_filters"] if f["name"] == "ma_gateway")["typed_config"]["config"]
     del wasm["allow_on_headers_stop_iteration"]
@@ -292,5 +284,48 @@ def test_a_config_without_allow_on_headers_stop_iteration_answers_500_naming_it(
             data = json.dumps({"name": "a", "model": "claude-opus-4-6"}).encode()
             reply = ARRIVALS[arrival](envoy.listen_port, "/v1/agents", headers_for(POLICED, "gzip", {}), data)
             assert reply.status == 403, reply.body
+    finally:
+        envoy.stop()
+
+
+def test_a_response_it_must_read_that_arrives_encoded_anyway_is_a_502_never_unread_bytes(emulator):
+    """An upstream (or a middlebox) that starts compressing although the gateway asks for
+    identity: owned JSON (owner tag to strip, list to filter) and event streams (usage to meter)
+    are answered 502 api_error instead of being passed on unread; an owner lookup that cannot be
+    read fails closed (503). The client never sees the compressed bytes."""
+    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
+                                       gateway_keys={}, plugin_overrides=CONFIG)
+    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
+    gw = Gateway(envoy, emulator)
+    try:
+        agent = gw.ok("POST", "/v1/agents", key=ALICE, body={"name": "a", "model": "claude-sonnet-4-6"})["id"]
+        env = gw.ok("POST", "/v1/environments", key=ALICE, body={"name": "e", "config": CLOUD})["id"]
+        sid = gw.ok("POST", "/v1/sessions", key=ALICE, body={"agent": agent, "environment_id": env})["id"]
+        cold = cold_agent(emulator, "alice")
+        set_mode = lambda mode: emulator.urlopen(urllib.request.Request(  # noqa: E731
+            emulator.url + "/_emulator/compression", method="POST", data=json.dumps({"mode": mode}).encode(),
+            headers={"content-type": "application/json"})).read()
+        set_mode("always")
+        try:
+            cases = [(f"/v1/agents/{agent}", None, 502), (f"/v1/agents/{agent}", "gzip", 502),
+                     ("/v1/agents", "br", 502), (f"/v1/sessions/{sid}/events/stream", "gzip, deflate", 502),
+                     (f"/v1/sessions/{sid}/events", None, 502), (f"/v1/agents/{cold}", "gzip", 503)]
+            for path, offer, status in cases:
+                for protocol in ("h1", "h2"):
+                    headers = headers_for(ALICE, offer, {})
+                    if protocol == "h1":
+                        reply = wire.http1(envoy.listen_port, "GET", path, headers, None, chunked=False)
+                    else:
+                        reply = wire.http2(envoy.listen_port, "GET", path, headers, None)
+                    assert reply.status == status, (path, protocol, reply.status, reply.body[:200])
+                    assert "content-encoding" not in reply.headers, reply.headers
+                    error = reply.json()["error"]
+                    if status == 502:
+                        assert error["type"] == "api_error" and "content-encoding gzip" in error["message"], error
+                    else:
+                        assert error["type"] == "overloaded_error", error
+        finally:
+            set_mode("configured")
+        assert gw.call("GET", f"/v1/agents/{agent}", key=ALICE).status == 200
     finally:
         envoy.stop()

@@ -361,8 +361,3 @@ def validate_config(config_path: Path) -> subprocess.CompletedProcess:
 
 def new_emulator_key() -> str:
     return "sk-ant-emulator-" + secrets.token_hex(12)
-
-
-def upstream_of(emulator: Emulator) -> Upstream:
-    """The upstream a gateway in front of `emulator` uses (TLS or not, as it serves)."""
-    return emulator.upstream
