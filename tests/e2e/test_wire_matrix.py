@@ -329,3 +329,34 @@ def test_a_response_it_must_read_that_arrives_encoded_anyway_is_a_502_never_unre
         assert gw.call("GET", f"/v1/agents/{agent}", key=ALICE).status == 200
     finally:
         envoy.stop()
+
+
+@pytest.mark.parametrize("arrival", list(ARRIVALS))
+def test_without_the_envoy_setting_the_buffer_filter_keeps_refusals_off_the_upstream(emulator, arrival):
+    """Hosts that cannot set allow_on_headers_stop_iteration (Istio's WasmPlugin, Envoy
+    Gateway): `hold_request_head: false` alone lets a body refusal's head reach the upstream
+    before the reset; Envoy's buffer filter between the Wasm filter and the router (what
+    examples/istio/envoyfilter-buffer.yaml adds) holds head and body until the filter has
+    decided, so the upstream again sees nothing."""
+    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0, gateway_keys={},
+                                       plugin_overrides={**CONFIG, "isolation": {"max_body_bytes": CAP,
+                                                                                 "hold_request_head": False}})
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = next(f for f in hcm["http_filters"] if f["name"] == "ma_gateway")["typed_config"]["config"]
+    del wasm["allow_on_headers_stop_iteration"]
+    hcm["http_filters"].insert(len(hcm["http_filters"]) - 1, {
+        "name": "envoy.filters.http.buffer",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                         "max_request_bytes": 1048576}})
+    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
+    try:
+        for key, body, status in [(POLICED, {"name": "a", "model": "claude-opus-4-6"}, 403),
+                                  (ALICE, {"name": "a", "model": "claude-sonnet-4-6", "system": "x" * CAP}, 413),
+                                  (ALICE, {"name": "a", "model": "claude-sonnet-4-6"}, 200)]:
+            emulator.clear_requests()
+            reply = ARRIVALS[arrival](envoy.listen_port, "/v1/agents", headers_for(key, "gzip", {}),
+                                      json.dumps(body).encode())
+            assert reply.status == status, (reply.status, reply.body[:200])
+            assert len(client_requests(emulator)) == (1 if status == 200 else 0), client_requests(emulator)
+    finally:
+        envoy.stop()
