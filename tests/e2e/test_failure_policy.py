@@ -342,7 +342,13 @@ def test_shipped_policy_fails_closed_then_reloads(emulator, fault_wasm, tmp_path
             "anthropic-version": "2023-06-01", FAULT_HEADER: "response-body:3"})
         resp = conn.getresponse()
         assert resp.status == 200
-        send_text(gw, sid2, "hello")
+        try:
+            send_text(gw, sid2, "hello")
+        except http.client.IncompleteRead:
+            # The emulator cuts frames at random places, so the third chunk can arrive while the
+            # send's own answer is still passing the same worker's VM: the panic cuts that answer
+            # too (the send itself reached upstream, as the stream below shows).
+            pass
         names, started = [], time.monotonic()
         try:
             for line in iter(resp.readline, b""):

@@ -210,7 +210,11 @@ def test_upstream_faults(sweep, world):
             got = sweep.call("GET", f"/v1/agents/{a['agent']}").status
         except Exception as exc:  # noqa: BLE001 - a cut body is a valid outcome of some faults
             got = type(exc).__name__
-        assert got in (status, "IncompleteRead"), (fault, got)
+        # A body cut short: over HTTP/1.1 the client sees the head and a short body; over HTTP/2
+        # (the shipped cluster's ALPN choice) the upstream resets the stream, which Envoy may
+        # answer with its own 503 before the head left (the gateway buffers owned JSON).
+        allowed = (status, "IncompleteRead") + ((503,) if fault.get("kind", "").startswith("truncated") else ())
+        assert got in allowed, (fault, got)
     # The stream faults too (the body is read raw).
     for kind in ("reset", "malformed", "badutf8", "truncated"):
         sweep.bad_inputs += 1

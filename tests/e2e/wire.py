@@ -14,17 +14,7 @@ import h2.config
 import h2.connection
 import h2.events
 
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self):
-        import json
-
-        return json.loads(self.body)
+from tests.e2e.conftest import Reply
 
 
 @dataclass
