@@ -1,6 +1,7 @@
 """How a body arrives never changes a decision, and a refusal sends nothing upstream.
 
 The matrix: every security-relevant body the gateway inspects (policy on create and on update,
+a vault credential under policy,
 tenant references in a session create with a cold and a warm owner cache, the budget clamp,
 the owner tag, the inspection cap, an encoded request body) × every way a body arrives
 (HTTP/1.1 with content-length, chunked in pieces with pauses, chunked with trailers; HTTP/2 in
@@ -17,6 +18,7 @@ import gzip
 import itertools
 import json
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -79,6 +81,10 @@ def cold_agent(emulator, tenant: str, model: str = "claude-sonnet-4-6") -> str:
                   {"name": "cold", "model": model, "metadata": {TAG: tenant}})["id"]
 
 
+def cold_vault(emulator, tenant: str) -> str:
+    return direct(emulator, "POST", "/v1/vaults", {"name": "cold", "metadata": {TAG: tenant}})["id"]
+
+
 def client_requests(emulator) -> list[dict]:
     """What reached the upstream on behalf of clients (the gateway's own owner lookups aside)."""
     def is_lookup(r):
@@ -116,6 +122,11 @@ OPERATIONS = {
     "policy-agent-update-cold-owner": (
         POLICED, lambda gw: f"/v1/agents/{cold_agent(gw.emulator, 'policed')}",
         lambda gw: json.dumps({"model": "claude-opus-4-6"}).encode(), {}, 403, "permission_error"),
+    "policy-credential-create-cold-vault": (
+        POLICED, lambda gw: f"/v1/vaults/{cold_vault(gw.emulator, 'policed')}/credentials",
+        lambda gw: json.dumps({"display_name": "c", "auth": {"type": "static_bearer", "token": "t0k",
+                                                              "mcp_server_url": "https://mcp.example/x"}}).encode(),
+        {}, 403, "permission_error"),
     "policy-vault-create": (
         POLICED, lambda gw: "/v1/vaults", lambda gw: json.dumps({"name": "v"}).encode(), {}, 403,
         "permission_error"),
@@ -358,5 +369,42 @@ def test_without_the_envoy_setting_the_buffer_filter_keeps_refusals_off_the_upst
                                       json.dumps(body).encode())
             assert reply.status == status, (reply.status, reply.body[:200])
             assert len(client_requests(emulator)) == (1 if status == 200 else 0), client_requests(emulator)
+    finally:
+        envoy.stop()
+
+
+@pytest.mark.parametrize("arrival", list(ARRIVALS))
+def test_sent_event_types_are_audited_however_the_body_arrives(emulator, tmp_path, arrival):
+    """`POST …/events` bodies are read for the audit record (the event types, never their
+    content) on every arrival, trailers included, and the events reach the session."""
+    audit = tmp_path / "audit.log"
+    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
+                                       gateway_keys={}, plugin_overrides=CONFIG, audit_path=audit)
+    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
+    gw = Gateway(envoy, emulator)
+    try:
+        agent = gw.ok("POST", "/v1/agents", key=ALICE, body={"name": "a", "model": "claude-sonnet-4-6"})["id"]
+        env = gw.ok("POST", "/v1/environments", key=ALICE, body={"name": "e", "config": CLOUD})["id"]
+        sid = gw.ok("POST", "/v1/sessions", key=ALICE, body={"agent": agent, "environment_id": env})["id"]
+        data = json.dumps({"events": [
+            {"type": "user.message", "content": [{"type": "text", "text": "secret words"}]},
+            {"type": "user.interrupt"}]}).encode()
+        reply = ARRIVALS[arrival](envoy.listen_port, f"/v1/sessions/{sid}/events", headers_for(ALICE, "gzip", {}), data)
+        assert reply.status == 200, reply.body[:200]
+
+        def sent():
+            for line in audit.read_text().splitlines() if audit.exists() else []:
+                record = json.loads(line)
+                if record.get("operation") == "session_events.send_events":
+                    return record
+            return None
+        deadline = time.monotonic() + 10
+        while sent() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        record = sent()
+        assert record is not None and record["events"] == "user.message,user.interrupt", record
+        assert "secret words" not in audit.read_text()
+        history = gw.ok("GET", f"/v1/sessions/{sid}/events?limit=100", key=ALICE)["data"]
+        assert any(e["type"] == "user.interrupt" for e in history)
     finally:
         envoy.stop()
