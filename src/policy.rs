@@ -49,9 +49,9 @@
 //! - `vaults: false` refuses creating vaults and creating or changing vault credentials.
 //! - `max_body_bytes` caps inspected request bodies for the tenant ([`check_body_size`], 413).
 //!
-//! Where rules apply: agent create/update; session create with an `agent` object (its
-//! `model`/`tools`/`mcp_servers` overrides); session update (`agent.tools`,
-//! `agent.mcp_servers`); environment create/update; vault and credential writes. A refusal is
+//! Where rules apply: agent create/update; session create and update with an `agent` object
+//! (its `model`/`tools`/`mcp_servers` overrides, the same on both); environment
+//! create/update; vault and credential writes. A refusal is
 //! 403 `permission_error` naming the rule, e.g. `policy: model claude-opus-4-6 is not allowed
 //! for tenant acme (allowed: claude-sonnet-4-*)`; a field a rule must read but cannot (wrong
 //! type) is 400 `invalid_request_error`. Agents referenced by id are not re-checked here: they
@@ -271,15 +271,10 @@ pub fn check(
     let ctx = Ctx { policy, tenant };
     match (op.family, op.action) {
         (Family::Agents, Action::Create | Action::Update) => ctx.agent(body, ""),
-        (Family::Sessions, Action::Create) => match body.get("agent") {
+        // An update's `agent` is checked like a create's overrides: the upstream documents
+        // only `tools` and `mcp_servers` there, but a model it might accept must pass too.
+        (Family::Sessions, Action::Create | Action::Update) => match body.get("agent") {
             Some(agent @ Value::Object(_)) => ctx.agent(agent, "agent."),
-            _ => Ok(()),
-        },
-        (Family::Sessions, Action::Update) => match body.get("agent") {
-            Some(agent @ Value::Object(_)) => {
-                ctx.tools(agent.get("tools"), "agent.tools")?;
-                ctx.mcp_servers(agent.get("mcp_servers"), "agent.mcp_servers")
-            }
             _ => Ok(()),
         },
         (Family::Environments, Action::Create) => ctx.environment(body, true),
@@ -1701,12 +1696,25 @@ mod tests {
             ),
             (400, "policy: agent.mcp_servers must be an array".into())
         );
-        // A session update cannot change the model: not inspected.
+        // A model in a session update is checked like a create's override, whether or not
+        // the upstream would apply it.
+        assert_eq!(
+            refusal(
+                &r,
+                Family::Sessions,
+                Action::Update,
+                json!({"title": "t", "agent": {"model": "claude-opus-4-6"}})
+            ),
+            (
+                403,
+                "policy: model claude-opus-4-6 is not allowed for tenant acme (allowed: claude-sonnet-4-*)".into()
+            )
+        );
         passes(
             &r,
             Family::Sessions,
             Action::Update,
-            json!({"title": "t", "agent": {"model": "claude-opus-4-6"}}),
+            json!({"title": "t", "agent": {"model": "claude-sonnet-4-6"}}),
         );
     }
 

@@ -133,7 +133,8 @@ impl GatewayStream {
 
     /// Whether the request body must be read before anything of it goes upstream: owned
     /// create/update calls under isolation (references, tagging), calls a tenant policy
-    /// applies to, and session creates under a money budget (clamping).
+    /// applies to, and session creates and updates under a money budget (clamping: an update
+    /// can replace or remove the budget set at create).
     pub(super) fn needs_body(plan: &Plan, tenant: &str, op: &Operation) -> bool {
         let owned_write = matches!(
             op.family,
@@ -144,8 +145,8 @@ impl GatewayStream {
                 || (op.family == Family::VaultCredentials
                     && matches!(op.action, RouteAction::Create | RouteAction::Update)));
         let clamped = op.family == Family::Sessions
-            && op.action == RouteAction::Create
-            && plan.limits.budgets.for_tenant(tenant).is_some();
+            && matches!(op.action, RouteAction::Create | RouteAction::Update)
+            && has_money_budget(plan, tenant);
         (plan.isolation.enabled && owned_write) || policed || clamped
     }
 
@@ -161,7 +162,9 @@ impl GatewayStream {
         let mut body = body;
         let mut changed = false;
         let policed = plan.policy.for_tenant(tenant).is_some();
-        let clamp = op.family == Family::Sessions && op.action == RouteAction::Create;
+        let clamp = op.family == Family::Sessions
+            && matches!(op.action, RouteAction::Create | RouteAction::Update)
+            && has_money_budget(plan, tenant);
         if policed || clamp {
             let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
                 ApiError::new(
@@ -180,7 +183,16 @@ impl GatewayStream {
                     now_ms() / 1000,
                 );
                 if let Some(remaining) = remaining {
-                    if policy::clamp_session_budget(&mut value, remaining) {
+                    let rewritten = if op.action == RouteAction::Create {
+                        policy::clamp_session_budget(&mut value, remaining)
+                    } else {
+                        // The gateway does not know the session's list cost so far, so the
+                        // new ceiling is what the tenant has left (never more; an upstream
+                        // `budget_not_raised` refusal is the worst case).
+                        policy::clamp_session_budget_update(&mut value, remaining)
+                            .map_err(|e| e.because("budget"))?
+                    };
+                    if rewritten {
                         body = serde_json::to_vec(&value).map_err(|e| {
                             ApiError::new(
                                 ErrorKind::Api,
@@ -274,4 +286,13 @@ impl GatewayStream {
             }
         }
     }
+}
+
+/// Whether `tenant` has a money budget in any window (the session budget clamp applies).
+fn has_money_budget(plan: &Plan, tenant: &str) -> bool {
+    plan.limits.budgets.for_tenant(tenant).is_some_and(|b| {
+        limits::Window::ALL
+            .into_iter()
+            .any(|w| b.limit(limits::Metric::Microdollars, w).is_some())
+    })
 }
