@@ -510,6 +510,16 @@ fn limits() -> Value {
                 }),
             ),
             ("budgets", budgets()),
+            (
+                "stream_slot_lease_secs",
+                json!({
+                    "description": "seconds a concurrent-stream slot lasts unless its stream's body flows (renewed at most every third of it); a slot of a VM that died frees itself after this long",
+                    "type": ["integer", "null"],
+                    "minimum": 1,
+                    "maximum": crate::limits::MAX_STREAM_LEASE_SECS,
+                    "default": crate::limits::DEFAULT_STREAM_LEASE_SECS,
+                }),
+            ),
         ],
         &[],
     )

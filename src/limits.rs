@@ -5,8 +5,9 @@
 //! - **Request rates**: a token bucket per (scope, name, [`Class`]). The classes mirror the
 //!   upstream's own limits: `create` (create, update, archive, delete, send events), `read`
 //!   (read, list) and `stream` (opening an event stream). See [`admit`].
-//! - **Concurrent streams**: a counter per (scope, name) of event streams open right now. See
-//!   [`open_stream`] and [`close_stream`].
+//! - **Concurrent streams**: leased slots per (scope, name) of event streams open right now,
+//!   each renewed while its stream's body flows and freed when the stream ends or, if its VM
+//!   died, when the lease runs out. See [`open_stream`], [`renew_stream`] and [`close_stream`].
 //! - **Budgets**: tokens and list cost (integer micro-dollars, µ$) a tenant used in the current
 //!   minute, UTC day and UTC calendar month. See [`charge`], [`check_budget`] and
 //!   [`remaining_microdollars`] (which also caps a new session's own `budget`, see
@@ -34,6 +35,7 @@
 //!     "acme": {"create": {"per_minute": 1000, "burst": 100}, "read": null,
 //!              "per_principal": {"concurrent_streams": 10}}
 //!   },
+//!   "stream_slot_lease_secs": 60,
 //!   "budgets": {"tenants": {
 //!     "acme": {"tokens_per_minute": 100000, "tokens_per_day": 5000000,
 //!              "microdollars_per_day": 50000000, "microdollars_per_month": 1000000000},
@@ -49,6 +51,10 @@
 //! - `tenants.<name>` overrides `per_tenant` field by field for that tenant, and its optional
 //!   `per_principal` overrides `per_principal` for that tenant's principals. A field set to
 //!   `null` lifts the inherited limit; a missing field inherits it.
+//! - `stream_slot_lease_secs` (1..=86400, default 60): a stream slot not renewed for this long
+//!   is free again. Renewal happens as the stream's body flows (events, pings), at most every
+//!   third of the lease; set it above the longest quiet gap of a stream, or a quiet stream is
+//!   not counted until its next chunk.
 //! - `budgets.tenants.<name>` (or `"*"` for every tenant without its own entry; an own entry
 //!   replaces `"*"` wholly) takes any of `tokens_per_{minute,day,month}` and
 //!   `microdollars_per_{minute,day,month}`, each a non-negative integer (0 blocks the tenant).
@@ -237,6 +243,8 @@ pub struct LimitRules {
     pub per_principal: LimitSet,
     pub tenants: BTreeMap<String, TenantLimits>,
     pub budgets: Budgets,
+    /// `stream_slot_lease_secs`; `None`: [`DEFAULT_STREAM_LEASE_SECS`].
+    pub stream_slot_lease_secs: Option<u64>,
 }
 
 impl LimitRules {
@@ -258,6 +266,13 @@ impl LimitRules {
     /// The bucket for `class`, or `None` when unlimited.
     pub fn rate(&self, scope: LimitScope, tenant: &str, class: Class) -> Option<Rate> {
         self.limits(scope, tenant).rate(class)
+    }
+
+    /// How long a stream slot lasts without being renewed, in milliseconds.
+    pub fn stream_lease_ms(&self) -> u64 {
+        self.stream_slot_lease_secs
+            .unwrap_or(DEFAULT_STREAM_LEASE_SECS)
+            .saturating_mul(1_000)
     }
 
     /// The most streams open at once, or `None` when unlimited.
@@ -530,41 +545,117 @@ fn ceil_secs(ms: u64) -> u64 {
 // Concurrent streams
 // ---------------------------------------------------------------------------------------------
 
-fn decode_count(bytes: &[u8]) -> u64 {
-    std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+/// Default lease of a stream slot (`stream_slot_lease_secs`).
+pub const DEFAULT_STREAM_LEASE_SECS: u64 = 60;
+/// Longest `stream_slot_lease_secs` accepted (one day).
+pub const MAX_STREAM_LEASE_SECS: u64 = 86_400;
+/// Most slots kept per key, live or not (bounds the value; a `concurrent_streams` above it
+/// is counted up to it).
+const MAX_SLOTS: usize = 100_000;
+
+/// Decodes `"<holder>:<lease end ms> …"`; anything undecodable (an older counter format, a
+/// bug) is no slot.
+fn decode_slots(bytes: &[u8]) -> Vec<(String, u64)> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Vec::new();
+    };
+    text.split(' ')
+        .filter_map(|entry| {
+            let (holder, until) = entry.split_once(':')?;
+            let until = until.parse().ok()?;
+            (!holder.is_empty()).then(|| (holder.to_string(), until))
+        })
+        .collect()
 }
 
-/// Counts one more open stream at `key` (see [`streams_key`]) unless `max` are open already;
-/// `Ok(false)` means refused (nothing written). Every `Ok(true)` must be paired with exactly one
-/// [`close_stream`] when the stream ends (`on_log` runs for every stream, reset ones included).
-///
-/// Known leak: a VM that dies with streams open (a panic under `FAIL_RELOAD`) never closes
-/// them, and shared data outlives the VM, so their slots stay taken until the Envoy process
-/// restarts. Size `concurrent_streams` with that in mind.
-pub fn open_stream(store: &dyn Store, key: &str, max: u64) -> Result<bool, StoreError> {
+fn encode_slots(slots: &[(String, u64)]) -> Vec<u8> {
+    slots
+        .iter()
+        .map(|(holder, until)| format!("{holder}:{until}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .into_bytes()
+}
+
+/// The slots at `key` whose lease has not ended at `now_ms`.
+fn live_slots(value: Option<&[u8]>, now_ms: u64) -> Vec<(String, u64)> {
+    let mut slots = value.map(decode_slots).unwrap_or_default();
+    slots.retain(|(_, until)| *until > now_ms);
+    slots
+}
+
+/// Takes a stream slot at `key` (see [`streams_key`]) for `holder` (unique per stream across
+/// workers) unless `max` live slots are taken already; `Ok(false)` means refused (nothing
+/// written). The slot is a lease ending `lease_ms` from `now_ms`: [`renew_stream`] extends it
+/// while the stream's body flows and [`close_stream`] gives it back when the stream ends.
+/// A slot whose lease ran out is not counted and is dropped at the next write, so a stream
+/// whose VM died (a panic under `FAIL_RELOAD`: its `on_log` never runs) frees its slot within
+/// `lease_ms` instead of holding it until the Envoy process restarts.
+pub fn open_stream(
+    store: &dyn Store,
+    key: &str,
+    max: u64,
+    holder: &str,
+    now_ms: u64,
+    lease_ms: u64,
+) -> Result<bool, StoreError> {
     let opened = update(store, key, CAS_ATTEMPTS, |value| {
-        let open = value.map_or(0, decode_count);
-        (open < max).then(|| ((open + 1).to_string().into_bytes(), ()))
+        let mut slots = live_slots(value, now_ms);
+        if slots.len() as u64 >= max || slots.len() >= MAX_SLOTS {
+            return None;
+        }
+        slots.retain(|(h, _)| h != holder);
+        slots.push((holder.to_string(), now_ms.saturating_add(lease_ms)));
+        Some((encode_slots(&slots), ()))
     })?;
     Ok(opened.is_some())
 }
 
-/// Counts one stream closed at `key`. The counter never goes below zero: a close without an
-/// open (or after a config reload changed what is counted) writes nothing.
-pub fn close_stream(store: &dyn Store, key: &str) -> Result<(), StoreError> {
+/// Extends `holder`'s lease at `key` to `lease_ms` from `now_ms`. A lease that ran out
+/// meanwhile (the stream was quiet for longer than the lease) is taken again even when that
+/// goes over the limit: the stream is open, and counting it is what keeps new streams out.
+pub fn renew_stream(
+    store: &dyn Store,
+    key: &str,
+    holder: &str,
+    now_ms: u64,
+    lease_ms: u64,
+) -> Result<(), StoreError> {
     update(store, key, CAS_ATTEMPTS, |value| {
-        let open = value.map_or(0, decode_count);
-        (open > 0).then(|| ((open - 1).to_string().into_bytes(), ()))
+        let mut slots = live_slots(value, now_ms);
+        let until = now_ms.saturating_add(lease_ms);
+        match slots.iter().position(|(h, _)| h == holder) {
+            Some(i) => slots[i].1 = slots[i].1.max(until),
+            None if slots.len() < MAX_SLOTS => slots.push((holder.to_string(), until)),
+            None => return None,
+        }
+        Some((encode_slots(&slots), ()))
     })?;
     Ok(())
 }
 
-/// Streams open at `key` now.
-pub fn open_streams(store: &dyn Store, key: &str) -> u64 {
-    store.get(key).map_or(0, |(bytes, _)| decode_count(&bytes))
+/// Gives `holder`'s slot at `key` back (expired slots are dropped on the way). Closing a
+/// slot that is not held (never opened, expired and dropped) writes only if something expired.
+pub fn close_stream(
+    store: &dyn Store,
+    key: &str,
+    holder: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    update(store, key, CAS_ATTEMPTS, |value| {
+        let stored = value.map(decode_slots).unwrap_or_default();
+        let mut slots = live_slots(value, now_ms);
+        slots.retain(|(h, _)| h != holder);
+        (slots.len() != stored.len()).then(|| (encode_slots(&slots), ()))
+    })?;
+    Ok(())
+}
+
+/// Live stream slots at `key` at `now_ms`.
+pub fn open_streams(store: &dyn Store, key: &str, now_ms: u64) -> u64 {
+    store.get(key).map_or(0, |(bytes, _)| {
+        live_slots(Some(&bytes), now_ms).len() as u64
+    })
 }
 
 /// The 429 answer when a scope has `max` streams open already. There is no retry time to
@@ -838,7 +929,13 @@ pub fn rules_from_json(value: &Value, path: &str) -> Result<LimitRules, String> 
     let root = object(
         value,
         path,
-        &["per_tenant", "per_principal", "tenants", "budgets"],
+        &[
+            "per_tenant",
+            "per_principal",
+            "tenants",
+            "budgets",
+            "stream_slot_lease_secs",
+        ],
     )?;
     let base = |key: &str| -> Result<LimitSet, String> {
         match root.get(key) {
@@ -890,11 +987,21 @@ pub fn rules_from_json(value: &Value, path: &str) -> Result<LimitRules, String> 
         None | Some(Value::Null) => Budgets::default(),
         Some(v) => parse_budgets(v, &join(path, "budgets"))?,
     };
+    let stream_slot_lease_secs = match root.get("stream_slot_lease_secs") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(uint(
+            v,
+            &join(path, "stream_slot_lease_secs"),
+            1,
+            MAX_STREAM_LEASE_SECS,
+        )?),
+    };
     Ok(LimitRules {
         per_tenant,
         per_principal,
         tenants,
         budgets,
+        stream_slot_lease_secs,
     })
 }
 
@@ -1569,8 +1676,8 @@ mod tests {
             admit(&store, &rate(60, 2), "b", 0),
             Ok(allowed(1, 2, 1_000))
         );
-        assert_eq!(open_streams(&store, "s"), 0);
-        assert_eq!(open_stream(&store, "s", 1), Ok(true));
+        assert_eq!(open_streams(&store, "s", 0), 0);
+        assert_eq!(open_stream(&store, "s", 1, "a", 0, 1_000), Ok(true));
         assert_eq!(usage(&store, "acme", Window::Day, 0), (0, 0));
         charge(&store, "acme", 1, 2, 0).unwrap();
         assert_eq!(usage(&store, "acme", Window::Day, 0), (1, 2));
@@ -1628,45 +1735,132 @@ mod tests {
     // ---- concurrent streams ----
 
     #[test]
-    fn streams_open_up_to_max_and_close_never_below_zero() {
+    fn streams_open_up_to_max_and_close_their_own_slot() {
         let store = MemoryStore::new();
         let key = streams_key(LimitScope::Tenant, "acme");
-        assert_eq!(open_stream(&store, &key, 2), Ok(true));
-        assert_eq!(open_stream(&store, &key, 2), Ok(true));
+        let lease = 60_000;
+        assert_eq!(open_stream(&store, &key, 2, "a", 0, lease), Ok(true));
+        assert_eq!(open_stream(&store, &key, 2, "b", 0, lease), Ok(true));
         let writes = store.writes();
-        assert_eq!(open_stream(&store, &key, 2), Ok(false));
+        assert_eq!(open_stream(&store, &key, 2, "c", 0, lease), Ok(false));
         assert_eq!(store.writes(), writes, "a refusal writes nothing");
-        assert_eq!(open_streams(&store, &key), 2);
-        close_stream(&store, &key).unwrap();
-        assert_eq!(text(&store, &key), "1");
-        assert_eq!(open_stream(&store, &key, 2), Ok(true));
-        for _ in 0..5 {
-            close_stream(&store, &key).unwrap();
-        }
-        assert_eq!(text(&store, &key), "0");
-        assert_eq!(open_streams(&store, &key), 0);
-        // Closing a never-opened key writes nothing.
-        close_stream(&store, "never").unwrap();
+        assert_eq!(open_streams(&store, &key, 0), 2);
+        assert_eq!(text(&store, &key), "a:60000 b:60000");
+        close_stream(&store, &key, "a", 1).unwrap();
+        assert_eq!(text(&store, &key), "b:60000");
+        assert_eq!(open_stream(&store, &key, 2, "c", 1, lease), Ok(true));
+        // Closing a slot twice, or one never held, changes nothing.
+        let writes = store.writes();
+        close_stream(&store, &key, "a", 2).unwrap();
+        close_stream(&store, "never", "a", 2).unwrap();
+        assert_eq!(store.writes(), writes);
         assert_eq!(store.value("never"), None);
+        close_stream(&store, &key, "b", 2).unwrap();
+        close_stream(&store, &key, "c", 2).unwrap();
+        assert_eq!(open_streams(&store, &key, 2), 0);
         // A lowered max refuses until enough streams close.
-        for _ in 0..3 {
-            open_stream(&store, &key, 3).unwrap();
+        for holder in ["x", "y", "z"] {
+            open_stream(&store, &key, 3, holder, 3, lease).unwrap();
         }
-        assert_eq!(open_stream(&store, &key, 1), Ok(false));
+        assert_eq!(open_stream(&store, &key, 1, "w", 3, lease), Ok(false));
     }
 
     #[test]
-    fn stream_counters_survive_cas_conflicts() {
+    fn the_stream_slot_lease_is_configurable_and_bounded() {
+        assert_eq!(
+            rules_from_json(&json!({}), "limits")
+                .unwrap()
+                .stream_lease_ms(),
+            60_000
+        );
+        let rules = rules_from_json(&json!({"stream_slot_lease_secs": 5}), "limits").unwrap();
+        assert_eq!(rules.stream_lease_ms(), 5_000);
+        for (bad, error) in [
+            (
+                json!(0),
+                "limits.stream_slot_lease_secs: expected an integer from 1 to 86400, found 0",
+            ),
+            (
+                json!(86_401),
+                "limits.stream_slot_lease_secs: expected an integer from 1 to 86400, found 86401",
+            ),
+            (
+                json!("5"),
+                "limits.stream_slot_lease_secs: expected an integer, found a string",
+            ),
+        ] {
+            assert_eq!(
+                rules_from_json(&json!({"stream_slot_lease_secs": bad}), "limits"),
+                Err(error.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn a_slot_nobody_renews_frees_itself_when_its_lease_ends() {
         let store = MemoryStore::new();
-        open_stream(&store, "s", 10).unwrap();
+        let key = streams_key(LimitScope::Principal, "acme/k");
+        // "dead" belongs to a VM that panicked: never renewed, never closed.
+        assert_eq!(open_stream(&store, &key, 1, "dead", 1_000, 5_000), Ok(true));
+        assert_eq!(
+            open_stream(&store, &key, 1, "next", 5_999, 5_000),
+            Ok(false)
+        );
+        assert_eq!(open_streams(&store, &key, 5_999), 1);
+        assert_eq!(open_streams(&store, &key, 6_000), 0);
+        assert_eq!(open_stream(&store, &key, 1, "next", 6_000, 5_000), Ok(true));
+        assert_eq!(
+            text(&store, &key),
+            "next:11000",
+            "the expired slot is dropped"
+        );
+        // A renewed slot lives on.
+        renew_stream(&store, &key, "next", 9_000, 5_000).unwrap();
+        assert_eq!(
+            open_stream(&store, &key, 1, "third", 12_000, 5_000),
+            Ok(false)
+        );
+        assert_eq!(text(&store, &key), "next:14000");
+        // A renewal never shortens a lease.
+        renew_stream(&store, &key, "next", 8_000, 5_000).unwrap();
+        assert_eq!(text(&store, &key), "next:14000");
+        // A stream quiet past its lease is counted again when its body flows on, even over
+        // the limit: it is open.
+        assert_eq!(
+            open_stream(&store, &key, 1, "third", 14_000, 5_000),
+            Ok(true)
+        );
+        renew_stream(&store, &key, "next", 14_500, 5_000).unwrap();
+        assert_eq!(open_streams(&store, &key, 14_500), 2);
+        assert_eq!(
+            open_stream(&store, &key, 2, "fourth", 14_500, 5_000),
+            Ok(false)
+        );
+        // An old counter (the format before leases) or garbage counts nothing.
+        store.set("old", b"3", None).unwrap();
+        assert_eq!(open_streams(&store, "old", 0), 0);
+        assert_eq!(open_stream(&store, "old", 1, "a", 0, 5_000), Ok(true));
+        assert_eq!(text(&store, "old"), "a:5000");
+    }
+
+    #[test]
+    fn stream_slots_survive_cas_conflicts() {
+        let store = MemoryStore::new();
+        open_stream(&store, "s", 10, "a", 0, 1_000).unwrap();
         store.inject_cas_conflicts(4);
-        assert_eq!(open_stream(&store, "s", 10), Ok(true));
+        assert_eq!(open_stream(&store, "s", 10, "b", 0, 1_000), Ok(true));
         store.inject_cas_conflicts(4);
-        close_stream(&store, "s").unwrap();
-        assert_eq!(text(&store, "s"), "1");
+        close_stream(&store, "s", "a", 0).unwrap();
+        assert_eq!(text(&store, "s"), "b:1000");
+        store.inject_cas_conflicts(4);
+        renew_stream(&store, "s", "b", 500, 1_000).unwrap();
+        assert_eq!(text(&store, "s"), "b:1500");
         store.inject_cas_conflicts(CAS_ATTEMPTS);
-        assert_eq!(open_stream(&store, "s", 10), Err(StoreError::CasMismatch));
-        assert_eq!(text(&store, "s"), "1");
+        assert_eq!(
+            open_stream(&store, "s", 10, "c", 0, 1_000),
+            Err(StoreError::CasMismatch)
+        );
+        assert_eq!(text(&store, "s"), "b:1500");
     }
 
     #[test]

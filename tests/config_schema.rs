@@ -234,7 +234,8 @@ fn kitchen_sink() -> Value {
                          "tokens_per_month": 100_000_000, "microdollars_per_minute": 1_000_000,
                          "microdollars_per_day": 50_000_000, "microdollars_per_month": 1_000_000_000u64},
                 "*": {"microdollars_per_day": 5_000_000}
-            }}
+            }},
+            "stream_slot_lease_secs": 60
         },
         "policy": {"tenants": {
             "acme": {

@@ -47,8 +47,16 @@ impl GatewayStream {
             if class == Class::Stream {
                 if let Some(max) = plan.limits.max_streams(scope, tenant) {
                     let key = limits::streams_key(scope, name);
-                    match limits::open_stream(&SharedData, &key, max) {
-                        Ok(true) => self.stream_slots.push(key),
+                    if self.slot_holder.is_empty() {
+                        self.slot_holder = slot_holder(self.context_id);
+                    }
+                    let lease = plan.limits.stream_lease_ms();
+                    match limits::open_stream(&SharedData, &key, max, &self.slot_holder, now, lease)
+                    {
+                        Ok(true) => {
+                            self.stream_slots.push(key);
+                            self.slots_renewed_ms = now;
+                        }
                         Ok(false) => {
                             let (error, headers) = limits::too_many_streams(max);
                             return Some(self.refuse_with(&error, headers));
@@ -75,6 +83,39 @@ impl GatewayStream {
         None
     }
 
+    /// Renews the leases of the stream slots this request holds, at most every third of the
+    /// lease, as its response body flows: a stream whose VM died stops renewing and its slots
+    /// free themselves when the lease runs out (see [`limits::open_stream`]).
+    pub(super) fn renew_stream_slots(&mut self) {
+        if self.stream_slots.is_empty() {
+            return;
+        }
+        let Some(lease) = self.plan.as_ref().map(|p| p.limits.stream_lease_ms()) else {
+            return;
+        };
+        let now = now_ms();
+        if now.saturating_sub(self.slots_renewed_ms) < lease / 3 {
+            return;
+        }
+        self.slots_renewed_ms = now;
+        for key in &self.stream_slots {
+            if let Err(err) = limits::renew_stream(&SharedData, key, &self.slot_holder, now, lease)
+            {
+                log::warn!("#{} stream slot {key} not renewed: {err}", self.context_id);
+            }
+        }
+    }
+
+    /// Gives back the stream slots this request holds (from `on_log`).
+    pub(super) fn close_stream_slots(&mut self) {
+        let now = now_ms();
+        for key in std::mem::take(&mut self.stream_slots) {
+            if let Err(err) = limits::close_stream(&SharedData, &key, &self.slot_holder, now) {
+                log::warn!("#{} stream slot {key} not released: {err}", self.context_id);
+            }
+        }
+    }
+
     /// Adds what a response metered to the tenant's budgets.
     pub(super) fn charge_budgets(&mut self) {
         let (Some(meter), Some(admitted)) = (self.meter.as_mut(), self.admitted.as_ref()) else {
@@ -95,4 +136,14 @@ impl GatewayStream {
             log::warn!("#{} budget of {tenant} not charged: {err}", self.context_id);
         }
     }
+}
+
+/// A name for this request's stream slots, unique across the workers of the process: the
+/// host clock in nanoseconds and the context id (ids repeat across workers, not within one).
+fn slot_holder(context_id: u32) -> String {
+    let nanos = proxy_wasm::hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}.{context_id:x}")
 }
