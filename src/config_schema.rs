@@ -541,6 +541,15 @@ fn budgets() -> Value {
             json!({ "type": "integer", "minimum": 0, "maximum": u64::MAX }),
         )
     })
+    .chain([(
+        "session_microdollars",
+        json!({
+            "description": "the budget (µ$, at least a cent) a session created without one is granted and reserved from what is left; default: all that is left",
+            "type": "integer",
+            "minimum": 10_000,
+            "maximum": u64::MAX,
+        }),
+    )])
     .collect();
     nullable(object(
         "token and micro-dollar budgets per UTC minute, day and month",

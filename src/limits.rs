@@ -10,8 +10,41 @@
 //!   died, when the lease runs out. See [`open_stream`], [`renew_stream`] and [`close_stream`].
 //! - **Budgets**: tokens and list cost (integer micro-dollars, µ$) a tenant used in the current
 //!   minute, UTC day and UTC calendar month. See [`charge`], [`check_budget`] and
-//!   [`remaining_microdollars`] (which also caps a new session's own `budget`, see
-//!   [`crate::policy::clamp_session_budget`]).
+//!   [`remaining_microdollars`].
+//! - **Session budget reservations**: the money a tenant's sessions may still spend. See
+//!   below and [`reserve_session_budget`].
+//!
+//! # Session budgets: each grant is reserved
+//! Under a cost budget every session create and every session update that sets a budget gets
+//! a session `budget` (the upstream stops the session there) no larger than what the tenant
+//! can give it, and that money is *reserved* in a per-tenant ledger in shared data
+//! (compare-and-swap, like every counter here) until the session cannot spend it any more:
+//!
+//! - what a grant may use is the least `limit - used` over the tenant's cost windows minus
+//!   every other reservation's unspent part, so N sessions opened together on any workers
+//!   share the money instead of each getting all of it. A create asking for less keeps its
+//!   own budget and reserves only that; one asking for more gets what is left; one asking for
+//!   nothing gets the tenant's `session_microdollars` (or what is left, if less or unset); a
+//!   create when nothing is left is refused (429). Whole cents, rounded down;
+//! - a create's reservation is pending (a lease of [`PENDING_RESERVATION_MS`]) until its
+//!   response names the session; a failed create releases it;
+//! - an update's ceiling is the spend seen on the session plus what is left; `null` (removing
+//!   the budget) is refused; a lower budget gives the difference back; a failed update puts
+//!   the previous reservation back;
+//! - spend the gateway meters on a session ([`charge_session`]) is counted in the usage
+//!   windows first and then taken off the session's reservation, so no money is ever counted
+//!   in neither;
+//! - archiving or deleting a session through the gateway releases its reservation. An *idle*
+//!   session keeps it: it can be resumed and spend the rest of its budget. So without
+//!   `session_microdollars`, the first session created without a budget holds all the tenant
+//!   has and the next is refused until it is archived: set `session_microdollars` (or give
+//!   sessions explicit budgets) to run several at once.
+//!
+//! Limits of the scheme: reservations are per Envoy process, like everything here, and are
+//! lost with shared data (a restart); sessions created before that are not in the ledger
+//! (their later updates are capped at what is left). A VM that dies between a create's
+//! request and its response leaks the pending reservation for its lease, after which the
+//! session's budget is no longer held.
 //!
 //! # Scope of every limit: one Envoy process
 //! All counters live in proxy-wasm *shared data* through the [`Store`] seam, which is one map
@@ -59,6 +92,8 @@
 //!   replaces `"*"` wholly) takes any of `tokens_per_{minute,day,month}` and
 //!   `microdollars_per_{minute,day,month}`, each a non-negative integer (0 blocks the tenant).
 //!   Tokens are all four usage kinds added up (input, output, cache writes and reads).
+//!   `session_microdollars` (at least one cent) is the budget a session created without one
+//!   is granted and reserved (see below); without it such a session gets all that is left.
 //!
 //! Errors name the field path: `limits.tenants.acme.create.per_minute: expected an integer from
 //! 1 to 6000000, found 0`. Unknown fields are errors (a typo must not disable a limit).
@@ -325,6 +360,9 @@ pub struct Budget {
     pub microdollars_per_minute: Option<u64>,
     pub microdollars_per_day: Option<u64>,
     pub microdollars_per_month: Option<u64>,
+    /// `session_microdollars`: the budget a session asking for none is granted (at most what
+    /// is left); `None`: everything that is left.
+    pub session_microdollars: Option<u64>,
 }
 
 impl Budget {
@@ -920,6 +958,264 @@ pub fn remaining_microdollars(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Session budget reservations
+// ---------------------------------------------------------------------------------------------
+
+/// Micro-dollars in a cent (session budgets are whole cents).
+const MICRO_PER_CENT: u64 = 10_000;
+/// Most reservations one tenant's ledger holds; a create beyond them is granted nothing.
+pub const MAX_RESERVATIONS: usize = 10_000;
+/// How long a create's reservation lasts before its response names the session (longer than
+/// the 300 s route timeout): a VM that dies in between leaks it for at most this long.
+pub const PENDING_RESERVATION_MS: u64 = 330_000;
+
+/// One entry of a tenant's reservation ledger: money granted to a session (or to a create
+/// still waiting for its response), what of it the gateway has seen spent, and for a pending
+/// create the end of its lease (0: held until released).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub holder: String,
+    pub granted: u64,
+    pub spent: u64,
+    pub until_ms: u64,
+}
+
+impl Reservation {
+    /// Money granted and not yet seen spent: what the session may still spend.
+    pub fn outstanding(&self) -> u64 {
+        self.granted.saturating_sub(self.spent)
+    }
+}
+
+/// The ledger of one tenant: `ma_gateway.reserve.acme`.
+pub fn reservations_key(tenant: &str) -> String {
+    format!("{KEY_PREFIX}.reserve.{tenant}")
+}
+
+/// Decodes `"<holder>:<granted>:<spent>:<until ms> …"`; undecodable entries are dropped.
+fn decode_reservations(bytes: &[u8]) -> Vec<Reservation> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Vec::new();
+    };
+    text.split(' ')
+        .filter_map(|entry| {
+            let mut parts = entry.split(':');
+            let holder = parts.next().filter(|h| !h.is_empty())?.to_string();
+            let granted = parts.next()?.parse().ok()?;
+            let spent = parts.next()?.parse().ok()?;
+            let until_ms = parts.next()?.parse().ok()?;
+            parts.next().is_none().then_some(Reservation {
+                holder,
+                granted,
+                spent,
+                until_ms,
+            })
+        })
+        .collect()
+}
+
+fn encode_reservations(entries: &[Reservation]) -> Vec<u8> {
+    entries
+        .iter()
+        .map(|r| format!("{}:{}:{}:{}", r.holder, r.granted, r.spent, r.until_ms))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .into_bytes()
+}
+
+/// The ledger's entries that still hold money at `now_ms` (expired pending creates and fully
+/// spent sessions dropped).
+fn live_reservations(value: Option<&[u8]>, now_ms: u64) -> Vec<Reservation> {
+    let mut entries = value.map(decode_reservations).unwrap_or_default();
+    entries.retain(|r| (r.until_ms == 0 || r.until_ms > now_ms) && r.outstanding() > 0);
+    entries
+}
+
+/// Money reserved by the tenant's sessions and pending creates at `now_ms`.
+pub fn reserved_microdollars(store: &dyn Store, tenant: &str, now_ms: u64) -> u64 {
+    let value = store.get(&reservations_key(tenant)).map(|(bytes, _)| bytes);
+    live_reservations(value.as_deref(), now_ms)
+        .iter()
+        .map(Reservation::outstanding)
+        .fold(0, u64::saturating_add)
+}
+
+/// A grant of [`reserve_session_budget`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The session's budget from now on, in µ$ (whole cents): what the body must carry.
+    pub microdollars: u64,
+    /// The holder's entry before, to put back if the call fails ([`restore_reservation`]).
+    pub previous: Option<Reservation>,
+}
+
+/// Reserves a session budget for `holder` from what the tenant has left, atomically with
+/// every other reservation of the tenant (one compare-and-swap ledger per tenant), so that
+/// sessions opened together never hold more than the tenant has.
+///
+/// What is left is the least `limit - used` over the tenant's cost windows
+/// ([`remaining_microdollars`], read inside each attempt) minus what every *other* entry
+/// still holds (granted minus seen spent). The holder's own entry (a session update) keeps
+/// its spent part: the ceiling is `spent + left`. The grant is the ceiling, or `wanted` (a
+/// budget the client asked for, µ$, else the tenant's `session_microdollars`) when that is
+/// lower, rounded down to whole cents. It is
+/// recorded as the holder's entry, with a lease ending at `until_ms` (0: until released).
+/// `Ok(None)`: the tenant has no cost budget. A full ledger grants nothing.
+///
+/// Why this never lets sessions spend more than the tenant has: the upstream stops each
+/// session at its budget, the ledger subtracts each session's unspent budget from what later
+/// grants may use, and spend moves from the ledger into the usage counters only after it was
+/// counted there ([`charge_session`] charges first, then releases).
+pub fn reserve_session_budget(
+    store: &dyn Store,
+    budgets: &Budgets,
+    tenant: &str,
+    holder: &str,
+    wanted: Option<u64>,
+    now_ms: u64,
+    until_ms: u64,
+) -> Result<Option<Grant>, StoreError> {
+    if remaining_microdollars(store, budgets, tenant, now_ms / 1000).is_none() {
+        return Ok(None);
+    }
+    let wanted = wanted.or_else(|| budgets.for_tenant(tenant)?.session_microdollars);
+    let key = reservations_key(tenant);
+    if store.get(&key).is_none() {
+        // A missing key is written whatever token a write carries; create it first so the
+        // ledger's writes are compare-and-swap protected (see the module doc).
+        prepare_key(store, &key)?;
+    }
+    update(store, &key, CAS_ATTEMPTS, |value| {
+        // Read the usage after the ledger: a charge counts usage before releasing its
+        // reservation, so the two never both miss the same money.
+        let remaining = remaining_microdollars(store, budgets, tenant, now_ms / 1000)?;
+        let mut entries = live_reservations(value, now_ms);
+        let previous = entries.iter().position(|r| r.holder == holder);
+        let previous = previous.map(|i| entries.remove(i));
+        let others = entries
+            .iter()
+            .map(Reservation::outstanding)
+            .fold(0, u64::saturating_add);
+        let spent = previous.as_ref().map_or(0, |r| r.spent);
+        let left = remaining.saturating_sub(others);
+        let ceiling = if entries.len() >= MAX_RESERVATIONS {
+            spent
+        } else {
+            spent.saturating_add(left)
+        };
+        let granted = wanted.map_or(ceiling, |w| w.min(ceiling));
+        let granted = granted - granted % MICRO_PER_CENT;
+        entries.push(Reservation {
+            holder: holder.to_string(),
+            granted,
+            spent,
+            until_ms,
+        });
+        Some((
+            encode_reservations(&entries),
+            Grant {
+                microdollars: granted,
+                previous,
+            },
+        ))
+    })
+}
+
+/// The pending create `holder` became session `session_id`: its entry is renamed and held
+/// until released. Nothing happens when the entry expired meanwhile.
+pub fn bind_reservation(
+    store: &dyn Store,
+    tenant: &str,
+    holder: &str,
+    session_id: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    update(store, &reservations_key(tenant), CAS_ATTEMPTS, |value| {
+        let mut entries = live_reservations(value, now_ms);
+        let i = entries.iter().position(|r| r.holder == holder)?;
+        let mut entry = entries.remove(i);
+        entry.holder = session_id.to_string();
+        entry.until_ms = 0;
+        entries.retain(|r| r.holder != session_id);
+        entries.push(entry);
+        Some((encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+/// Drops `holder`'s entry (a create that failed, a session archived or deleted).
+pub fn release_reservation(
+    store: &dyn Store,
+    tenant: &str,
+    holder: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    update(store, &reservations_key(tenant), CAS_ATTEMPTS, |value| {
+        let stored = value.map(decode_reservations).unwrap_or_default();
+        let mut entries = live_reservations(value, now_ms);
+        entries.retain(|r| r.holder != holder);
+        (entries.len() != stored.len()).then(|| (encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+/// Puts `holder`'s entry back as it was before a [`reserve_session_budget`] whose call
+/// failed (`previous: None`: drops it). Spend seen meanwhile is kept.
+pub fn restore_reservation(
+    store: &dyn Store,
+    tenant: &str,
+    holder: &str,
+    previous: Option<&Reservation>,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let Some(previous) = previous else {
+        return release_reservation(store, tenant, holder, now_ms);
+    };
+    update(store, &reservations_key(tenant), CAS_ATTEMPTS, |value| {
+        let mut entries = live_reservations(value, now_ms);
+        let spent = entries
+            .iter()
+            .find(|r| r.holder == holder)
+            .map_or(previous.spent, |r| r.spent.max(previous.spent));
+        entries.retain(|r| r.holder != holder);
+        entries.push(Reservation {
+            spent,
+            ..previous.clone()
+        });
+        Some((encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+/// [`charge`], then the same money counted as spent on `session_id`'s reservation (if it has
+/// one), in that order: usage is counted before the reservation shrinks.
+pub fn charge_session(
+    store: &dyn Store,
+    tenant: &str,
+    session_id: Option<&str>,
+    tokens: u64,
+    microdollars: u64,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    charge(store, tenant, tokens, microdollars, now_ms / 1000)?;
+    let Some(session_id) = session_id.filter(|_| microdollars > 0) else {
+        return Ok(());
+    };
+    let key = reservations_key(tenant);
+    if store.get(&key).is_none() {
+        return Ok(());
+    }
+    update(store, &key, CAS_ATTEMPTS, |value| {
+        let mut entries = live_reservations(value, now_ms);
+        let entry = entries.iter_mut().find(|r| r.holder == session_id)?;
+        entry.spent = entry.spent.saturating_add(microdollars);
+        entries.retain(|r| r.outstanding() > 0);
+        Some((encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Config
 // ---------------------------------------------------------------------------------------------
 
@@ -1076,6 +1372,17 @@ fn parse_budgets(value: &Value, path: &str) -> Result<Budgets, String> {
                 microdollars_per_minute: get("microdollars_per_minute")?,
                 microdollars_per_day: get("microdollars_per_day")?,
                 microdollars_per_month: get("microdollars_per_month")?,
+                session_microdollars: b
+                    .get("session_microdollars")
+                    .map(|v| {
+                        uint(
+                            v,
+                            &join(&here, "session_microdollars"),
+                            MICRO_PER_CENT,
+                            u64::MAX,
+                        )
+                    })
+                    .transpose()?,
             };
             tenants.insert(name.clone(), budget);
         }
@@ -1083,13 +1390,14 @@ fn parse_budgets(value: &Value, path: &str) -> Result<Budgets, String> {
     Ok(Budgets { tenants })
 }
 
-const BUDGET_FIELDS: [&str; 6] = [
+const BUDGET_FIELDS: [&str; 7] = [
     "tokens_per_minute",
     "tokens_per_day",
     "tokens_per_month",
     "microdollars_per_minute",
     "microdollars_per_day",
     "microdollars_per_month",
+    "session_microdollars",
 ];
 
 fn join(path: &str, key: &str) -> String {
@@ -1137,8 +1445,11 @@ fn uint(value: &Value, path: &str, min: u64, max: u64) -> Result<u64, String> {
     match value {
         Value::Number(n) => match n.as_u64() {
             Some(v) if (min..=max).contains(&v) => Ok(v),
-            _ if max == u64::MAX => Err(format!(
+            _ if max == u64::MAX && min == 0 => Err(format!(
                 "{path}: expected a non-negative integer, found {n}"
+            )),
+            _ if max == u64::MAX => Err(format!(
+                "{path}: expected an integer of at least {min}, found {n}"
             )),
             _ => Err(format!(
                 "{path}: expected an integer from {min} to {max}, found {n}"
@@ -1730,6 +2041,206 @@ mod tests {
         };
         assert!(denied.headers().is_empty());
         assert!(!denied.is_allowed());
+    }
+
+    // ---- session budget reservations ----
+
+    fn money(per_day: u64) -> Budgets {
+        rules_from_json(
+            &json!({"budgets": {"tenants": {"acme": {"microdollars_per_day": per_day}}}}),
+            "limits",
+        )
+        .unwrap()
+        .budgets
+    }
+
+    fn granted(grant: Result<Option<Grant>, StoreError>) -> u64 {
+        grant.unwrap().unwrap().microdollars
+    }
+
+    #[test]
+    fn each_grant_reserves_what_it_grants_so_concurrent_creates_share_the_budget() {
+        let store = MemoryStore::new();
+        let budgets = money(50_000_000);
+        let now = 1_000_000;
+        let pending = now + PENDING_RESERVATION_MS;
+        // No budget asked: all that is left; the next create gets nothing.
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "p1", None, now, pending
+            )),
+            50_000_000
+        );
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "p2", None, now, pending
+            )),
+            0
+        );
+        assert_eq!(reserved_microdollars(&store, "acme", now), 50_000_000);
+        // The first create failed: released, and the money is back.
+        release_reservation(&store, "acme", "p1", now).unwrap();
+        assert_eq!(reserved_microdollars(&store, "acme", now), 0);
+        // Asked budgets are kept when they fit, cut to what is left when not.
+        let ask = |holder: &str, micro: u64| {
+            granted(reserve_session_budget(
+                &store,
+                &budgets,
+                "acme",
+                holder,
+                Some(micro),
+                now,
+                pending,
+            ))
+        };
+        assert_eq!(ask("a", 7_000_000), 7_000_000);
+        assert_eq!(ask("b", 40_000_000), 40_000_000);
+        assert_eq!(ask("c", 7_000_000), 3_000_000);
+        assert_eq!(ask("d", 7_000_000), 0);
+        // Whole cents only: 1 µ$ short of a cent grants nothing more.
+        release_reservation(&store, "acme", "c", now).unwrap();
+        assert_eq!(ask("e", 2_999_999), 2_990_000);
+        // Tenants without a cost budget get no grant and no ledger.
+        assert_eq!(
+            reserve_session_budget(&store, &budgets, "other", "x", None, now, pending),
+            Ok(None)
+        );
+        assert_eq!(store.value(&reservations_key("other")), None);
+    }
+
+    #[test]
+    fn a_session_asking_for_no_budget_gets_the_tenants_session_default() {
+        let store = MemoryStore::new();
+        let budgets = rules_from_json(
+            &json!({"budgets": {"tenants": {"acme": {"microdollars_per_day": 5_000_000,
+                                                     "session_microdollars": 2_000_000}}}}),
+            "limits",
+        )
+        .unwrap()
+        .budgets;
+        let grant = |holder: &str, wanted: Option<u64>| {
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", holder, wanted, 0, 0,
+            ))
+        };
+        assert_eq!(grant("a", None), 2_000_000);
+        assert_eq!(grant("b", None), 2_000_000);
+        assert_eq!(grant("c", None), 1_000_000);
+        assert_eq!(grant("d", None), 0);
+        release_reservation(&store, "acme", "a", 0).unwrap();
+        // An asked budget is not bound by the default, only by what is left.
+        assert_eq!(grant("e", Some(3_000_000)), 2_000_000);
+        assert_eq!(
+            rules_from_json(
+                &json!({"budgets": {"tenants": {"acme": {"session_microdollars": 9_999}}}}),
+                "limits"
+            ),
+            Err("limits.budgets.tenants.acme.session_microdollars: expected an integer of at least 10000, found 9999".into())
+        );
+    }
+
+    #[test]
+    fn spend_moves_from_the_reservation_to_the_usage_counters() {
+        let store = MemoryStore::new();
+        let budgets = money(10_000_000);
+        let now = 86_400_000;
+        let pending = now + PENDING_RESERVATION_MS;
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store,
+                &budgets,
+                "acme",
+                "p",
+                Some(4_000_000),
+                now,
+                pending
+            )),
+            4_000_000
+        );
+        bind_reservation(&store, "acme", "p", "sesn_1", now).unwrap();
+        assert_eq!(
+            text(&store, &reservations_key("acme")),
+            "sesn_1:4000000:0:0"
+        );
+        // The bound reservation outlives the pending lease.
+        assert_eq!(
+            reserved_microdollars(&store, "acme", pending + 1),
+            4_000_000
+        );
+        charge_session(&store, "acme", Some("sesn_1"), 10, 1_500_000, now).unwrap();
+        assert_eq!(
+            usage(&store, "acme", Window::Day, now / 1000),
+            (10, 1_500_000)
+        );
+        assert_eq!(reserved_microdollars(&store, "acme", now), 2_500_000);
+        // Left for a new session: 10 - 1.5 used - 2.5 still reserved.
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "q", None, now, pending
+            )),
+            6_000_000
+        );
+        release_reservation(&store, "acme", "q", now).unwrap();
+        // An update: the ceiling is the session's spent part plus what is left.
+        let grant =
+            reserve_session_budget(&store, &budgets, "acme", "sesn_1", Some(99_000_000), now, 0)
+                .unwrap()
+                .unwrap();
+        assert_eq!(grant.microdollars, 1_500_000 + 8_500_000);
+        let previous = grant.previous.unwrap();
+        assert_eq!((previous.granted, previous.spent), (4_000_000, 1_500_000));
+        // The update failed upstream: back to the old budget.
+        restore_reservation(&store, "acme", "sesn_1", Some(&previous), now).unwrap();
+        assert_eq!(reserved_microdollars(&store, "acme", now), 2_500_000);
+        // Fully spent: the entry is gone.
+        charge_session(&store, "acme", Some("sesn_1"), 0, 2_500_000, now).unwrap();
+        assert_eq!(text(&store, &reservations_key("acme")), "");
+        // Spend of a session without a reservation only counts usage.
+        charge_session(&store, "acme", Some("sesn_x"), 0, 1, now).unwrap();
+        assert_eq!(
+            usage(&store, "acme", Window::Day, now / 1000),
+            (10, 4_000_001)
+        );
+    }
+
+    #[test]
+    fn a_pending_create_that_never_answers_expires_and_conflicts_are_retried() {
+        let store = MemoryStore::new();
+        let budgets = money(1_000_000);
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "dead", None, 0, 5_000
+            )),
+            1_000_000
+        );
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "b", None, 4_999, 9_000
+            )),
+            0
+        );
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "c", None, 5_000, 9_000
+            )),
+            1_000_000
+        );
+        // Binding an expired entry binds nothing.
+        bind_reservation(&store, "acme", "c", "sesn_c", 9_000).unwrap();
+        assert_eq!(reserved_microdollars(&store, "acme", 9_000), 0);
+        store.inject_cas_conflicts(3);
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "d", None, 9_000, 0
+            )),
+            1_000_000
+        );
+        store.inject_cas_conflicts(CAS_ATTEMPTS);
+        assert_eq!(
+            reserve_session_budget(&store, &budgets, "acme", "e", None, 9_000, 0),
+            Err(StoreError::CasMismatch)
+        );
+        assert_eq!(reserved_microdollars(&store, "acme", 9_000), 1_000_000);
     }
 
     // ---- concurrent streams ----

@@ -3,8 +3,9 @@
 //!
 //! Scopes ([`crate::scopes`]) say which calls a tenant may make; this module says what those
 //! calls may contain. It reads the JSON body only (no state), so every check is exact and the
-//! same on every worker and replica. It also owns [`clamp_session_budget`], which caps a new
-//! session's own spend ceiling at what the tenant has left (see [`crate::limits`]).
+//! same on every worker and replica. It also owns [`clamp_session_budget`] and
+//! [`clamp_session_budget_update`], which cap a session's own spend ceiling at what the
+//! tenant can give it (reserved in [`crate::limits::reserve_session_budget`]).
 //!
 //! # Config (`rules_from_json`)
 //! ```json
@@ -676,6 +677,14 @@ fn budget_cents(budget: &Value) -> Option<u64> {
     amount.parse().ok()
 }
 
+/// The budget a session body asks for, in µ$, when it is one the gateway can read (see
+/// [`clamp_session_budget`]); `None` when absent, `null` or unreadable.
+pub fn requested_budget_microdollars(body: &Value) -> Option<u64> {
+    body.get("budget")
+        .and_then(budget_cents)
+        .map(|cents| cents.saturating_mul(MICRO_PER_CENT))
+}
+
 /// Caps a `POST /v1/sessions` body's spend ceiling at the tenant's `remaining_microdollars`
 /// (from [`crate::limits::remaining_microdollars`]): sets or lowers `budget` to
 /// `{"type":"limit","max_list_cost":{"amount":"<cents>","currency":"USD"}}` with cents =
@@ -709,7 +718,8 @@ pub fn clamp_session_budget(body: &mut Value, remaining_microdollars: u64) -> bo
 
 /// The same cap for `POST /v1/sessions/{id}` (session update), where a budget is cumulative
 /// over the session's life: `ceiling_microdollars` should be the session's list cost so far
-/// plus the tenant's remaining money. An omitted `budget` keeps the session's (capped) one and
+/// plus the tenant's remaining money (the gateway uses the spend it has seen on the session's
+/// reservation plus what is left unreserved, see [`crate::limits::reserve_session_budget`]). An omitted `budget` keeps the session's (capped) one and
 /// is left alone; `null` would remove the cap and is refused with 403; any other value is
 /// capped like [`clamp_session_budget`]. Returns whether the body changed.
 pub fn clamp_session_budget_update(

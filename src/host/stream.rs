@@ -72,6 +72,15 @@ pub(super) enum Gate {
     Refused,
 }
 
+/// A session budget this request reserved (see `GatewayStream::inspect_body`), settled in
+/// `on_log`: bound to the created session, released, or put back.
+#[derive(Debug)]
+pub(super) struct HeldReservation {
+    pub(super) holder: String,
+    pub(super) previous: Option<crate::limits::Reservation>,
+    pub(super) create: bool,
+}
+
 pub struct GatewayStream {
     pub(super) context_id: u32,
     pub(super) plan: Option<Rc<Plan>>,
@@ -94,6 +103,7 @@ pub struct GatewayStream {
     pub(super) stream_slots: Vec<String>,
     pub(super) slot_holder: String,
     pub(super) slots_renewed_ms: u64,
+    pub(super) reservation: Option<HeldReservation>,
     /// Envoy's `x-request-id` of this request, for the `request_id` of gateway answers.
     pub(super) envoy_request_id: Option<String>,
     pub(super) pending: HashMap<u32, Pending>,
@@ -121,6 +131,7 @@ impl GatewayStream {
             stream_slots: Vec::new(),
             slot_holder: String::new(),
             slots_renewed_ms: 0,
+            reservation: None,
             envoy_request_id: None,
             pending: HashMap::new(),
             meter: None,
@@ -271,7 +282,7 @@ impl GatewayStream {
         let original_len = body.len();
         let op = admitted.operation.clone();
         let tenant = admitted.principal.tenant.clone();
-        let (body, changed) = match Self::inspect_body(&plan, &tenant, &op, body) {
+        let (body, changed) = match self.inspect_body(&plan, &tenant, &op, body) {
             Ok(inspected) => inspected,
             Err(error) => return self.refuse(&error),
         };
@@ -687,6 +698,7 @@ impl HttpContext for GatewayStream {
             None => ("unrouted", "none"),
         };
         self.close_stream_slots();
+        self.settle_reservation();
         let elapsed = now_ms().saturating_sub(self.started_ms);
         let mut metrics = self.metrics.borrow_mut();
         metrics.add(
