@@ -117,7 +117,8 @@ impl GatewayStream {
     }
 
     /// Settles the session budget this request reserved, when it ends: a create that answered
-    /// 200 with a session binds it to the session; a failed create releases it; a failed
+    /// 2xx with a session binds it to the session (one whose session id could not be read
+    /// keeps it until its pending lease ends); a failed create releases it; a failed
     /// update puts the session's previous one back. A session archived or deleted gives its
     /// reservation back.
     pub(super) fn settle_reservation(&mut self) {
@@ -131,11 +132,14 @@ impl GatewayStream {
         let result = match self.reservation.take() {
             Some(held) if held.create => {
                 let session = self.meter.as_ref().and_then(|m| m.usage.session_id.clone());
-                match session.filter(|_| ok) {
-                    Some(session) => {
+                match session {
+                    Some(session) if ok => {
                         limits::bind_reservation(&SharedData, tenant, &held.holder, &session, now)
                     }
-                    None => limits::release_reservation(&SharedData, tenant, &held.holder, now),
+                    // Created, but the answer did not say which session: the reservation
+                    // stays until its lease ends rather than be given back early.
+                    None if ok => Ok(()),
+                    _ => limits::release_reservation(&SharedData, tenant, &held.holder, now),
                 }
             }
             Some(held) if !ok => limits::restore_reservation(
