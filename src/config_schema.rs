@@ -510,6 +510,16 @@ fn limits() -> Value {
                 }),
             ),
             ("budgets", budgets()),
+            (
+                "stream_slot_lease_secs",
+                json!({
+                    "description": "seconds a concurrent-stream slot lasts unless its stream's body flows (renewed at most every third of it); a slot of a VM that died frees itself after this long",
+                    "type": ["integer", "null"],
+                    "minimum": 1,
+                    "maximum": crate::limits::MAX_STREAM_LEASE_SECS,
+                    "default": crate::limits::DEFAULT_STREAM_LEASE_SECS,
+                }),
+            ),
         ],
         &[],
     )
@@ -531,6 +541,15 @@ fn budgets() -> Value {
             json!({ "type": "integer", "minimum": 0, "maximum": u64::MAX }),
         )
     })
+    .chain([(
+        "session_microdollars",
+        json!({
+            "description": "the budget (µ$, at least a cent) a session created without one is granted and reserved from what is left; default: all that is left",
+            "type": "integer",
+            "minimum": 10_000,
+            "maximum": u64::MAX,
+        }),
+    )])
     .collect();
     nullable(object(
         "token and micro-dollar budgets per UTC minute, day and month",

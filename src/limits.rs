@@ -5,12 +5,46 @@
 //! - **Request rates**: a token bucket per (scope, name, [`Class`]). The classes mirror the
 //!   upstream's own limits: `create` (create, update, archive, delete, send events), `read`
 //!   (read, list) and `stream` (opening an event stream). See [`admit`].
-//! - **Concurrent streams**: a counter per (scope, name) of event streams open right now. See
-//!   [`open_stream`] and [`close_stream`].
+//! - **Concurrent streams**: leased slots per (scope, name) of event streams open right now,
+//!   each renewed while its stream's body flows and freed when the stream ends or, if its VM
+//!   died, when the lease runs out. See [`open_stream`], [`renew_stream`] and [`close_stream`].
 //! - **Budgets**: tokens and list cost (integer micro-dollars, µ$) a tenant used in the current
 //!   minute, UTC day and UTC calendar month. See [`charge`], [`check_budget`] and
-//!   [`remaining_microdollars`] (which also caps a new session's own `budget`, see
-//!   [`crate::policy::clamp_session_budget`]).
+//!   [`remaining_microdollars`].
+//! - **Session budget reservations**: the money a tenant's sessions may still spend. See
+//!   below and [`reserve_session_budget`].
+//!
+//! # Session budgets: each grant is reserved
+//! Under a cost budget every session create and every session update that sets a budget gets
+//! a session `budget` (the upstream stops the session there) no larger than what the tenant
+//! can give it, and that money is *reserved* in a per-tenant ledger in shared data
+//! (compare-and-swap, like every counter here) until the session cannot spend it any more:
+//!
+//! - what a grant may use is the least `limit - used` over the tenant's cost windows minus
+//!   every other reservation's unspent part, so N sessions opened together on any workers
+//!   share the money instead of each getting all of it. A create asking for less keeps its
+//!   own budget and reserves only that; one asking for more gets what is left; one asking for
+//!   nothing gets the tenant's `session_microdollars` (or what is left, if less or unset); a
+//!   create when nothing is left is refused (429). Whole cents, rounded down;
+//! - a create's reservation is pending (a lease of [`PENDING_RESERVATION_MS`]) until its
+//!   response names the session; a failed create releases it;
+//! - an update's ceiling is the spend seen on the session plus what is left; `null` (removing
+//!   the budget) is refused; a lower budget gives the difference back; a failed update puts
+//!   the previous reservation back;
+//! - spend the gateway meters on a session ([`charge_session`]) is counted in the usage
+//!   windows first and then taken off the session's reservation, so no money is ever counted
+//!   in neither;
+//! - archiving or deleting a session through the gateway releases its reservation. An *idle*
+//!   session keeps it: it can be resumed and spend the rest of its budget. So without
+//!   `session_microdollars`, the first session created without a budget holds all the tenant
+//!   has and the next is refused until it is archived: set `session_microdollars` (or give
+//!   sessions explicit budgets) to run several at once.
+//!
+//! Limits of the scheme: reservations are per Envoy process, like everything here, and are
+//! lost with shared data (a restart); sessions created before that are not in the ledger
+//! (their later updates are capped at what is left). A VM that dies between a create's
+//! request and its response leaks the pending reservation for its lease, after which the
+//! session's budget is no longer held.
 //!
 //! # Scope of every limit: one Envoy process
 //! All counters live in proxy-wasm *shared data* through the [`Store`] seam, which is one map
@@ -34,6 +68,7 @@
 //!     "acme": {"create": {"per_minute": 1000, "burst": 100}, "read": null,
 //!              "per_principal": {"concurrent_streams": 10}}
 //!   },
+//!   "stream_slot_lease_secs": 60,
 //!   "budgets": {"tenants": {
 //!     "acme": {"tokens_per_minute": 100000, "tokens_per_day": 5000000,
 //!              "microdollars_per_day": 50000000, "microdollars_per_month": 1000000000},
@@ -49,10 +84,16 @@
 //! - `tenants.<name>` overrides `per_tenant` field by field for that tenant, and its optional
 //!   `per_principal` overrides `per_principal` for that tenant's principals. A field set to
 //!   `null` lifts the inherited limit; a missing field inherits it.
+//! - `stream_slot_lease_secs` (1..=86400, default 60): a stream slot not renewed for this long
+//!   is free again. Renewal happens as the stream's body flows (events, pings), at most every
+//!   third of the lease; set it above the longest quiet gap of a stream, or a quiet stream is
+//!   not counted until its next chunk.
 //! - `budgets.tenants.<name>` (or `"*"` for every tenant without its own entry; an own entry
 //!   replaces `"*"` wholly) takes any of `tokens_per_{minute,day,month}` and
 //!   `microdollars_per_{minute,day,month}`, each a non-negative integer (0 blocks the tenant).
 //!   Tokens are all four usage kinds added up (input, output, cache writes and reads).
+//!   `session_microdollars` (at least one cent) is the budget a session created without one
+//!   is granted and reserved (see below); without it such a session gets all that is left.
 //!
 //! Errors name the field path: `limits.tenants.acme.create.per_minute: expected an integer from
 //! 1 to 6000000, found 0`. Unknown fields are errors (a typo must not disable a limit).
@@ -237,6 +278,8 @@ pub struct LimitRules {
     pub per_principal: LimitSet,
     pub tenants: BTreeMap<String, TenantLimits>,
     pub budgets: Budgets,
+    /// `stream_slot_lease_secs`; `None`: [`DEFAULT_STREAM_LEASE_SECS`].
+    pub stream_slot_lease_secs: Option<u64>,
 }
 
 impl LimitRules {
@@ -258,6 +301,13 @@ impl LimitRules {
     /// The bucket for `class`, or `None` when unlimited.
     pub fn rate(&self, scope: LimitScope, tenant: &str, class: Class) -> Option<Rate> {
         self.limits(scope, tenant).rate(class)
+    }
+
+    /// How long a stream slot lasts without being renewed, in milliseconds.
+    pub fn stream_lease_ms(&self) -> u64 {
+        self.stream_slot_lease_secs
+            .unwrap_or(DEFAULT_STREAM_LEASE_SECS)
+            .saturating_mul(1_000)
     }
 
     /// The most streams open at once, or `None` when unlimited.
@@ -310,6 +360,9 @@ pub struct Budget {
     pub microdollars_per_minute: Option<u64>,
     pub microdollars_per_day: Option<u64>,
     pub microdollars_per_month: Option<u64>,
+    /// `session_microdollars`: the budget a session asking for none is granted (at most what
+    /// is left); `None`: everything that is left.
+    pub session_microdollars: Option<u64>,
 }
 
 impl Budget {
@@ -530,41 +583,117 @@ fn ceil_secs(ms: u64) -> u64 {
 // Concurrent streams
 // ---------------------------------------------------------------------------------------------
 
-fn decode_count(bytes: &[u8]) -> u64 {
-    std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+/// Default lease of a stream slot (`stream_slot_lease_secs`).
+pub const DEFAULT_STREAM_LEASE_SECS: u64 = 60;
+/// Longest `stream_slot_lease_secs` accepted (one day).
+pub const MAX_STREAM_LEASE_SECS: u64 = 86_400;
+/// Most slots kept per key, live or not (bounds the value; a `concurrent_streams` above it
+/// is counted up to it).
+const MAX_SLOTS: usize = 100_000;
+
+/// Decodes `"<holder>:<lease end ms> …"`; anything undecodable (an older counter format, a
+/// bug) is no slot.
+fn decode_slots(bytes: &[u8]) -> Vec<(String, u64)> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Vec::new();
+    };
+    text.split(' ')
+        .filter_map(|entry| {
+            let (holder, until) = entry.split_once(':')?;
+            let until = until.parse().ok()?;
+            (!holder.is_empty()).then(|| (holder.to_string(), until))
+        })
+        .collect()
 }
 
-/// Counts one more open stream at `key` (see [`streams_key`]) unless `max` are open already;
-/// `Ok(false)` means refused (nothing written). Every `Ok(true)` must be paired with exactly one
-/// [`close_stream`] when the stream ends (`on_log` runs for every stream, reset ones included).
-///
-/// Known leak: a VM that dies with streams open (a panic under `FAIL_RELOAD`) never closes
-/// them, and shared data outlives the VM, so their slots stay taken until the Envoy process
-/// restarts. Size `concurrent_streams` with that in mind.
-pub fn open_stream(store: &dyn Store, key: &str, max: u64) -> Result<bool, StoreError> {
+fn encode_slots(slots: &[(String, u64)]) -> Vec<u8> {
+    slots
+        .iter()
+        .map(|(holder, until)| format!("{holder}:{until}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .into_bytes()
+}
+
+/// The slots at `key` whose lease has not ended at `now_ms`.
+fn live_slots(value: Option<&[u8]>, now_ms: u64) -> Vec<(String, u64)> {
+    let mut slots = value.map(decode_slots).unwrap_or_default();
+    slots.retain(|(_, until)| *until > now_ms);
+    slots
+}
+
+/// Takes a stream slot at `key` (see [`streams_key`]) for `holder` (unique per stream across
+/// workers) unless `max` live slots are taken already; `Ok(false)` means refused (nothing
+/// written). The slot is a lease ending `lease_ms` from `now_ms`: [`renew_stream`] extends it
+/// while the stream's body flows and [`close_stream`] gives it back when the stream ends.
+/// A slot whose lease ran out is not counted and is dropped at the next write, so a stream
+/// whose VM died (a panic under `FAIL_RELOAD`: its `on_log` never runs) frees its slot within
+/// `lease_ms` instead of holding it until the Envoy process restarts.
+pub fn open_stream(
+    store: &dyn Store,
+    key: &str,
+    max: u64,
+    holder: &str,
+    now_ms: u64,
+    lease_ms: u64,
+) -> Result<bool, StoreError> {
     let opened = update(store, key, CAS_ATTEMPTS, |value| {
-        let open = value.map_or(0, decode_count);
-        (open < max).then(|| ((open + 1).to_string().into_bytes(), ()))
+        let mut slots = live_slots(value, now_ms);
+        if slots.len() as u64 >= max || slots.len() >= MAX_SLOTS {
+            return None;
+        }
+        slots.retain(|(h, _)| h != holder);
+        slots.push((holder.to_string(), now_ms.saturating_add(lease_ms)));
+        Some((encode_slots(&slots), ()))
     })?;
     Ok(opened.is_some())
 }
 
-/// Counts one stream closed at `key`. The counter never goes below zero: a close without an
-/// open (or after a config reload changed what is counted) writes nothing.
-pub fn close_stream(store: &dyn Store, key: &str) -> Result<(), StoreError> {
+/// Extends `holder`'s lease at `key` to `lease_ms` from `now_ms`. A lease that ran out
+/// meanwhile (the stream was quiet for longer than the lease) is taken again even when that
+/// goes over the limit: the stream is open, and counting it is what keeps new streams out.
+pub fn renew_stream(
+    store: &dyn Store,
+    key: &str,
+    holder: &str,
+    now_ms: u64,
+    lease_ms: u64,
+) -> Result<(), StoreError> {
     update(store, key, CAS_ATTEMPTS, |value| {
-        let open = value.map_or(0, decode_count);
-        (open > 0).then(|| ((open - 1).to_string().into_bytes(), ()))
+        let mut slots = live_slots(value, now_ms);
+        let until = now_ms.saturating_add(lease_ms);
+        match slots.iter().position(|(h, _)| h == holder) {
+            Some(i) => slots[i].1 = slots[i].1.max(until),
+            None if slots.len() < MAX_SLOTS => slots.push((holder.to_string(), until)),
+            None => return None,
+        }
+        Some((encode_slots(&slots), ()))
     })?;
     Ok(())
 }
 
-/// Streams open at `key` now.
-pub fn open_streams(store: &dyn Store, key: &str) -> u64 {
-    store.get(key).map_or(0, |(bytes, _)| decode_count(&bytes))
+/// Gives `holder`'s slot at `key` back (expired slots are dropped on the way). Closing a
+/// slot that is not held (never opened, expired and dropped) writes only if something expired.
+pub fn close_stream(
+    store: &dyn Store,
+    key: &str,
+    holder: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    update(store, key, CAS_ATTEMPTS, |value| {
+        let stored = value.map(decode_slots).unwrap_or_default();
+        let mut slots = live_slots(value, now_ms);
+        slots.retain(|(h, _)| h != holder);
+        (slots.len() != stored.len()).then(|| (encode_slots(&slots), ()))
+    })?;
+    Ok(())
+}
+
+/// Live stream slots at `key` at `now_ms`.
+pub fn open_streams(store: &dyn Store, key: &str, now_ms: u64) -> u64 {
+    store.get(key).map_or(0, |(bytes, _)| {
+        live_slots(Some(&bytes), now_ms).len() as u64
+    })
 }
 
 /// The 429 answer when a scope has `max` streams open already. There is no retry time to
@@ -829,6 +958,264 @@ pub fn remaining_microdollars(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Session budget reservations
+// ---------------------------------------------------------------------------------------------
+
+/// Micro-dollars in a cent (session budgets are whole cents).
+const MICRO_PER_CENT: u64 = 10_000;
+/// Most reservations one tenant's ledger holds; a create beyond them is granted nothing.
+pub const MAX_RESERVATIONS: usize = 10_000;
+/// How long a create's reservation lasts before its response names the session (longer than
+/// the 300 s route timeout): a VM that dies in between leaks it for at most this long.
+pub const PENDING_RESERVATION_MS: u64 = 330_000;
+
+/// One entry of a tenant's reservation ledger: money granted to a session (or to a create
+/// still waiting for its response), what of it the gateway has seen spent, and for a pending
+/// create the end of its lease (0: held until released).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub holder: String,
+    pub granted: u64,
+    pub spent: u64,
+    pub until_ms: u64,
+}
+
+impl Reservation {
+    /// Money granted and not yet seen spent: what the session may still spend.
+    pub fn outstanding(&self) -> u64 {
+        self.granted.saturating_sub(self.spent)
+    }
+}
+
+/// The ledger of one tenant: `ma_gateway.reserve.acme`.
+pub fn reservations_key(tenant: &str) -> String {
+    format!("{KEY_PREFIX}.reserve.{tenant}")
+}
+
+/// Decodes `"<holder>:<granted>:<spent>:<until ms> …"`; undecodable entries are dropped.
+fn decode_reservations(bytes: &[u8]) -> Vec<Reservation> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Vec::new();
+    };
+    text.split(' ')
+        .filter_map(|entry| {
+            let mut parts = entry.split(':');
+            let holder = parts.next().filter(|h| !h.is_empty())?.to_string();
+            let granted = parts.next()?.parse().ok()?;
+            let spent = parts.next()?.parse().ok()?;
+            let until_ms = parts.next()?.parse().ok()?;
+            parts.next().is_none().then_some(Reservation {
+                holder,
+                granted,
+                spent,
+                until_ms,
+            })
+        })
+        .collect()
+}
+
+fn encode_reservations(entries: &[Reservation]) -> Vec<u8> {
+    entries
+        .iter()
+        .map(|r| format!("{}:{}:{}:{}", r.holder, r.granted, r.spent, r.until_ms))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .into_bytes()
+}
+
+/// The ledger's entries that still hold money at `now_ms` (expired pending creates and fully
+/// spent sessions dropped).
+fn live_reservations(value: Option<&[u8]>, now_ms: u64) -> Vec<Reservation> {
+    let mut entries = value.map(decode_reservations).unwrap_or_default();
+    entries.retain(|r| (r.until_ms == 0 || r.until_ms > now_ms) && r.outstanding() > 0);
+    entries
+}
+
+/// Money reserved by the tenant's sessions and pending creates at `now_ms`.
+pub fn reserved_microdollars(store: &dyn Store, tenant: &str, now_ms: u64) -> u64 {
+    let value = store.get(&reservations_key(tenant)).map(|(bytes, _)| bytes);
+    live_reservations(value.as_deref(), now_ms)
+        .iter()
+        .map(Reservation::outstanding)
+        .fold(0, u64::saturating_add)
+}
+
+/// A grant of [`reserve_session_budget`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The session's budget from now on, in µ$ (whole cents): what the body must carry.
+    pub microdollars: u64,
+    /// The holder's entry before, to put back if the call fails ([`restore_reservation`]).
+    pub previous: Option<Reservation>,
+}
+
+/// Reserves a session budget for `holder` from what the tenant has left, atomically with
+/// every other reservation of the tenant (one compare-and-swap ledger per tenant), so that
+/// sessions opened together never hold more than the tenant has.
+///
+/// What is left is the least `limit - used` over the tenant's cost windows
+/// ([`remaining_microdollars`], read inside each attempt) minus what every *other* entry
+/// still holds (granted minus seen spent). The holder's own entry (a session update) keeps
+/// its spent part: the ceiling is `spent + left`. The grant is the ceiling, or `wanted` (a
+/// budget the client asked for, µ$, else the tenant's `session_microdollars`) when that is
+/// lower, rounded down to whole cents. It is
+/// recorded as the holder's entry, with a lease ending at `until_ms` (0: until released).
+/// `Ok(None)`: the tenant has no cost budget. A full ledger grants nothing.
+///
+/// Why this never lets sessions spend more than the tenant has: the upstream stops each
+/// session at its budget, the ledger subtracts each session's unspent budget from what later
+/// grants may use, and spend moves from the ledger into the usage counters only after it was
+/// counted there ([`charge_session`] charges first, then releases).
+pub fn reserve_session_budget(
+    store: &dyn Store,
+    budgets: &Budgets,
+    tenant: &str,
+    holder: &str,
+    wanted: Option<u64>,
+    now_ms: u64,
+    until_ms: u64,
+) -> Result<Option<Grant>, StoreError> {
+    if remaining_microdollars(store, budgets, tenant, now_ms / 1000).is_none() {
+        return Ok(None);
+    }
+    let wanted = wanted.or_else(|| budgets.for_tenant(tenant)?.session_microdollars);
+    let key = reservations_key(tenant);
+    if store.get(&key).is_none() {
+        // A missing key is written whatever token a write carries; create it first so the
+        // ledger's writes are compare-and-swap protected (see the module doc).
+        prepare_key(store, &key)?;
+    }
+    update(store, &key, CAS_ATTEMPTS, |value| {
+        // Read the usage after the ledger: a charge counts usage before releasing its
+        // reservation, so the two never both miss the same money.
+        let remaining = remaining_microdollars(store, budgets, tenant, now_ms / 1000)?;
+        let mut entries = live_reservations(value, now_ms);
+        let previous = entries.iter().position(|r| r.holder == holder);
+        let previous = previous.map(|i| entries.remove(i));
+        let others = entries
+            .iter()
+            .map(Reservation::outstanding)
+            .fold(0, u64::saturating_add);
+        let spent = previous.as_ref().map_or(0, |r| r.spent);
+        let left = remaining.saturating_sub(others);
+        let ceiling = if entries.len() >= MAX_RESERVATIONS {
+            spent
+        } else {
+            spent.saturating_add(left)
+        };
+        let granted = wanted.map_or(ceiling, |w| w.min(ceiling));
+        let granted = granted - granted % MICRO_PER_CENT;
+        entries.push(Reservation {
+            holder: holder.to_string(),
+            granted,
+            spent,
+            until_ms,
+        });
+        Some((
+            encode_reservations(&entries),
+            Grant {
+                microdollars: granted,
+                previous,
+            },
+        ))
+    })
+}
+
+/// The pending create `holder` became session `session_id`: its entry is renamed and held
+/// until released. Nothing happens when the entry expired meanwhile.
+pub fn bind_reservation(
+    store: &dyn Store,
+    tenant: &str,
+    holder: &str,
+    session_id: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    update(store, &reservations_key(tenant), CAS_ATTEMPTS, |value| {
+        let mut entries = live_reservations(value, now_ms);
+        let i = entries.iter().position(|r| r.holder == holder)?;
+        let mut entry = entries.remove(i);
+        entry.holder = session_id.to_string();
+        entry.until_ms = 0;
+        entries.retain(|r| r.holder != session_id);
+        entries.push(entry);
+        Some((encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+/// Drops `holder`'s entry (a create that failed, a session archived or deleted).
+pub fn release_reservation(
+    store: &dyn Store,
+    tenant: &str,
+    holder: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    update(store, &reservations_key(tenant), CAS_ATTEMPTS, |value| {
+        let stored = value.map(decode_reservations).unwrap_or_default();
+        let mut entries = live_reservations(value, now_ms);
+        entries.retain(|r| r.holder != holder);
+        (entries.len() != stored.len()).then(|| (encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+/// Puts `holder`'s entry back as it was before a [`reserve_session_budget`] whose call
+/// failed (`previous: None`: drops it). Spend seen meanwhile is kept.
+pub fn restore_reservation(
+    store: &dyn Store,
+    tenant: &str,
+    holder: &str,
+    previous: Option<&Reservation>,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let Some(previous) = previous else {
+        return release_reservation(store, tenant, holder, now_ms);
+    };
+    update(store, &reservations_key(tenant), CAS_ATTEMPTS, |value| {
+        let mut entries = live_reservations(value, now_ms);
+        let spent = entries
+            .iter()
+            .find(|r| r.holder == holder)
+            .map_or(previous.spent, |r| r.spent.max(previous.spent));
+        entries.retain(|r| r.holder != holder);
+        entries.push(Reservation {
+            spent,
+            ..previous.clone()
+        });
+        Some((encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+/// [`charge`], then the same money counted as spent on `session_id`'s reservation (if it has
+/// one), in that order: usage is counted before the reservation shrinks.
+pub fn charge_session(
+    store: &dyn Store,
+    tenant: &str,
+    session_id: Option<&str>,
+    tokens: u64,
+    microdollars: u64,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    charge(store, tenant, tokens, microdollars, now_ms / 1000)?;
+    let Some(session_id) = session_id.filter(|_| microdollars > 0) else {
+        return Ok(());
+    };
+    let key = reservations_key(tenant);
+    if store.get(&key).is_none() {
+        return Ok(());
+    }
+    update(store, &key, CAS_ATTEMPTS, |value| {
+        let mut entries = live_reservations(value, now_ms);
+        let entry = entries.iter_mut().find(|r| r.holder == session_id)?;
+        entry.spent = entry.spent.saturating_add(microdollars);
+        entries.retain(|r| r.outstanding() > 0);
+        Some((encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Config
 // ---------------------------------------------------------------------------------------------
 
@@ -838,7 +1225,13 @@ pub fn rules_from_json(value: &Value, path: &str) -> Result<LimitRules, String> 
     let root = object(
         value,
         path,
-        &["per_tenant", "per_principal", "tenants", "budgets"],
+        &[
+            "per_tenant",
+            "per_principal",
+            "tenants",
+            "budgets",
+            "stream_slot_lease_secs",
+        ],
     )?;
     let base = |key: &str| -> Result<LimitSet, String> {
         match root.get(key) {
@@ -890,11 +1283,21 @@ pub fn rules_from_json(value: &Value, path: &str) -> Result<LimitRules, String> 
         None | Some(Value::Null) => Budgets::default(),
         Some(v) => parse_budgets(v, &join(path, "budgets"))?,
     };
+    let stream_slot_lease_secs = match root.get("stream_slot_lease_secs") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(uint(
+            v,
+            &join(path, "stream_slot_lease_secs"),
+            1,
+            MAX_STREAM_LEASE_SECS,
+        )?),
+    };
     Ok(LimitRules {
         per_tenant,
         per_principal,
         tenants,
         budgets,
+        stream_slot_lease_secs,
     })
 }
 
@@ -969,6 +1372,17 @@ fn parse_budgets(value: &Value, path: &str) -> Result<Budgets, String> {
                 microdollars_per_minute: get("microdollars_per_minute")?,
                 microdollars_per_day: get("microdollars_per_day")?,
                 microdollars_per_month: get("microdollars_per_month")?,
+                session_microdollars: b
+                    .get("session_microdollars")
+                    .map(|v| {
+                        uint(
+                            v,
+                            &join(&here, "session_microdollars"),
+                            MICRO_PER_CENT,
+                            u64::MAX,
+                        )
+                    })
+                    .transpose()?,
             };
             tenants.insert(name.clone(), budget);
         }
@@ -976,13 +1390,14 @@ fn parse_budgets(value: &Value, path: &str) -> Result<Budgets, String> {
     Ok(Budgets { tenants })
 }
 
-const BUDGET_FIELDS: [&str; 6] = [
+const BUDGET_FIELDS: [&str; 7] = [
     "tokens_per_minute",
     "tokens_per_day",
     "tokens_per_month",
     "microdollars_per_minute",
     "microdollars_per_day",
     "microdollars_per_month",
+    "session_microdollars",
 ];
 
 fn join(path: &str, key: &str) -> String {
@@ -1030,8 +1445,11 @@ fn uint(value: &Value, path: &str, min: u64, max: u64) -> Result<u64, String> {
     match value {
         Value::Number(n) => match n.as_u64() {
             Some(v) if (min..=max).contains(&v) => Ok(v),
-            _ if max == u64::MAX => Err(format!(
+            _ if max == u64::MAX && min == 0 => Err(format!(
                 "{path}: expected a non-negative integer, found {n}"
+            )),
+            _ if max == u64::MAX => Err(format!(
+                "{path}: expected an integer of at least {min}, found {n}"
             )),
             _ => Err(format!(
                 "{path}: expected an integer from {min} to {max}, found {n}"
@@ -1569,8 +1987,8 @@ mod tests {
             admit(&store, &rate(60, 2), "b", 0),
             Ok(allowed(1, 2, 1_000))
         );
-        assert_eq!(open_streams(&store, "s"), 0);
-        assert_eq!(open_stream(&store, "s", 1), Ok(true));
+        assert_eq!(open_streams(&store, "s", 0), 0);
+        assert_eq!(open_stream(&store, "s", 1, "a", 0, 1_000), Ok(true));
         assert_eq!(usage(&store, "acme", Window::Day, 0), (0, 0));
         charge(&store, "acme", 1, 2, 0).unwrap();
         assert_eq!(usage(&store, "acme", Window::Day, 0), (1, 2));
@@ -1625,48 +2043,335 @@ mod tests {
         assert!(!denied.is_allowed());
     }
 
-    // ---- concurrent streams ----
+    // ---- session budget reservations ----
 
-    #[test]
-    fn streams_open_up_to_max_and_close_never_below_zero() {
-        let store = MemoryStore::new();
-        let key = streams_key(LimitScope::Tenant, "acme");
-        assert_eq!(open_stream(&store, &key, 2), Ok(true));
-        assert_eq!(open_stream(&store, &key, 2), Ok(true));
-        let writes = store.writes();
-        assert_eq!(open_stream(&store, &key, 2), Ok(false));
-        assert_eq!(store.writes(), writes, "a refusal writes nothing");
-        assert_eq!(open_streams(&store, &key), 2);
-        close_stream(&store, &key).unwrap();
-        assert_eq!(text(&store, &key), "1");
-        assert_eq!(open_stream(&store, &key, 2), Ok(true));
-        for _ in 0..5 {
-            close_stream(&store, &key).unwrap();
-        }
-        assert_eq!(text(&store, &key), "0");
-        assert_eq!(open_streams(&store, &key), 0);
-        // Closing a never-opened key writes nothing.
-        close_stream(&store, "never").unwrap();
-        assert_eq!(store.value("never"), None);
-        // A lowered max refuses until enough streams close.
-        for _ in 0..3 {
-            open_stream(&store, &key, 3).unwrap();
-        }
-        assert_eq!(open_stream(&store, &key, 1), Ok(false));
+    fn money(per_day: u64) -> Budgets {
+        rules_from_json(
+            &json!({"budgets": {"tenants": {"acme": {"microdollars_per_day": per_day}}}}),
+            "limits",
+        )
+        .unwrap()
+        .budgets
+    }
+
+    fn granted(grant: Result<Option<Grant>, StoreError>) -> u64 {
+        grant.unwrap().unwrap().microdollars
     }
 
     #[test]
-    fn stream_counters_survive_cas_conflicts() {
+    fn each_grant_reserves_what_it_grants_so_concurrent_creates_share_the_budget() {
         let store = MemoryStore::new();
-        open_stream(&store, "s", 10).unwrap();
-        store.inject_cas_conflicts(4);
-        assert_eq!(open_stream(&store, "s", 10), Ok(true));
-        store.inject_cas_conflicts(4);
-        close_stream(&store, "s").unwrap();
-        assert_eq!(text(&store, "s"), "1");
+        let budgets = money(50_000_000);
+        let now = 1_000_000;
+        let pending = now + PENDING_RESERVATION_MS;
+        // No budget asked: all that is left; the next create gets nothing.
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "p1", None, now, pending
+            )),
+            50_000_000
+        );
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "p2", None, now, pending
+            )),
+            0
+        );
+        assert_eq!(reserved_microdollars(&store, "acme", now), 50_000_000);
+        // The first create failed: released, and the money is back.
+        release_reservation(&store, "acme", "p1", now).unwrap();
+        assert_eq!(reserved_microdollars(&store, "acme", now), 0);
+        // Asked budgets are kept when they fit, cut to what is left when not.
+        let ask = |holder: &str, micro: u64| {
+            granted(reserve_session_budget(
+                &store,
+                &budgets,
+                "acme",
+                holder,
+                Some(micro),
+                now,
+                pending,
+            ))
+        };
+        assert_eq!(ask("a", 7_000_000), 7_000_000);
+        assert_eq!(ask("b", 40_000_000), 40_000_000);
+        assert_eq!(ask("c", 7_000_000), 3_000_000);
+        assert_eq!(ask("d", 7_000_000), 0);
+        // Whole cents only: 1 µ$ short of a cent grants nothing more.
+        release_reservation(&store, "acme", "c", now).unwrap();
+        assert_eq!(ask("e", 2_999_999), 2_990_000);
+        // Tenants without a cost budget get no grant and no ledger.
+        assert_eq!(
+            reserve_session_budget(&store, &budgets, "other", "x", None, now, pending),
+            Ok(None)
+        );
+        assert_eq!(store.value(&reservations_key("other")), None);
+    }
+
+    #[test]
+    fn a_session_asking_for_no_budget_gets_the_tenants_session_default() {
+        let store = MemoryStore::new();
+        let budgets = rules_from_json(
+            &json!({"budgets": {"tenants": {"acme": {"microdollars_per_day": 5_000_000,
+                                                     "session_microdollars": 2_000_000}}}}),
+            "limits",
+        )
+        .unwrap()
+        .budgets;
+        let grant = |holder: &str, wanted: Option<u64>| {
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", holder, wanted, 0, 0,
+            ))
+        };
+        assert_eq!(grant("a", None), 2_000_000);
+        assert_eq!(grant("b", None), 2_000_000);
+        assert_eq!(grant("c", None), 1_000_000);
+        assert_eq!(grant("d", None), 0);
+        release_reservation(&store, "acme", "a", 0).unwrap();
+        // An asked budget is not bound by the default, only by what is left.
+        assert_eq!(grant("e", Some(3_000_000)), 2_000_000);
+        assert_eq!(
+            rules_from_json(
+                &json!({"budgets": {"tenants": {"acme": {"session_microdollars": 9_999}}}}),
+                "limits"
+            ),
+            Err("limits.budgets.tenants.acme.session_microdollars: expected an integer of at least 10000, found 9999".into())
+        );
+    }
+
+    #[test]
+    fn spend_moves_from_the_reservation_to_the_usage_counters() {
+        let store = MemoryStore::new();
+        let budgets = money(10_000_000);
+        let now = 86_400_000;
+        let pending = now + PENDING_RESERVATION_MS;
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store,
+                &budgets,
+                "acme",
+                "p",
+                Some(4_000_000),
+                now,
+                pending
+            )),
+            4_000_000
+        );
+        bind_reservation(&store, "acme", "p", "sesn_1", now).unwrap();
+        assert_eq!(
+            text(&store, &reservations_key("acme")),
+            "sesn_1:4000000:0:0"
+        );
+        // The bound reservation outlives the pending lease.
+        assert_eq!(
+            reserved_microdollars(&store, "acme", pending + 1),
+            4_000_000
+        );
+        charge_session(&store, "acme", Some("sesn_1"), 10, 1_500_000, now).unwrap();
+        assert_eq!(
+            usage(&store, "acme", Window::Day, now / 1000),
+            (10, 1_500_000)
+        );
+        assert_eq!(reserved_microdollars(&store, "acme", now), 2_500_000);
+        // Left for a new session: 10 - 1.5 used - 2.5 still reserved.
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "q", None, now, pending
+            )),
+            6_000_000
+        );
+        release_reservation(&store, "acme", "q", now).unwrap();
+        // An update: the ceiling is the session's spent part plus what is left.
+        let grant =
+            reserve_session_budget(&store, &budgets, "acme", "sesn_1", Some(99_000_000), now, 0)
+                .unwrap()
+                .unwrap();
+        assert_eq!(grant.microdollars, 1_500_000 + 8_500_000);
+        let previous = grant.previous.unwrap();
+        assert_eq!((previous.granted, previous.spent), (4_000_000, 1_500_000));
+        // The update failed upstream: back to the old budget.
+        restore_reservation(&store, "acme", "sesn_1", Some(&previous), now).unwrap();
+        assert_eq!(reserved_microdollars(&store, "acme", now), 2_500_000);
+        // Fully spent: the entry is gone.
+        charge_session(&store, "acme", Some("sesn_1"), 0, 2_500_000, now).unwrap();
+        assert_eq!(text(&store, &reservations_key("acme")), "");
+        // Spend of a session without a reservation only counts usage.
+        charge_session(&store, "acme", Some("sesn_x"), 0, 1, now).unwrap();
+        assert_eq!(
+            usage(&store, "acme", Window::Day, now / 1000),
+            (10, 4_000_001)
+        );
+    }
+
+    #[test]
+    fn a_pending_create_that_never_answers_expires_and_conflicts_are_retried() {
+        let store = MemoryStore::new();
+        let budgets = money(1_000_000);
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "dead", None, 0, 5_000
+            )),
+            1_000_000
+        );
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "b", None, 4_999, 9_000
+            )),
+            0
+        );
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "c", None, 5_000, 9_000
+            )),
+            1_000_000
+        );
+        // Binding an expired entry binds nothing.
+        bind_reservation(&store, "acme", "c", "sesn_c", 9_000).unwrap();
+        assert_eq!(reserved_microdollars(&store, "acme", 9_000), 0);
+        store.inject_cas_conflicts(3);
+        assert_eq!(
+            granted(reserve_session_budget(
+                &store, &budgets, "acme", "d", None, 9_000, 0
+            )),
+            1_000_000
+        );
         store.inject_cas_conflicts(CAS_ATTEMPTS);
-        assert_eq!(open_stream(&store, "s", 10), Err(StoreError::CasMismatch));
-        assert_eq!(text(&store, "s"), "1");
+        assert_eq!(
+            reserve_session_budget(&store, &budgets, "acme", "e", None, 9_000, 0),
+            Err(StoreError::CasMismatch)
+        );
+        assert_eq!(reserved_microdollars(&store, "acme", 9_000), 1_000_000);
+    }
+
+    // ---- concurrent streams ----
+
+    #[test]
+    fn streams_open_up_to_max_and_close_their_own_slot() {
+        let store = MemoryStore::new();
+        let key = streams_key(LimitScope::Tenant, "acme");
+        let lease = 60_000;
+        assert_eq!(open_stream(&store, &key, 2, "a", 0, lease), Ok(true));
+        assert_eq!(open_stream(&store, &key, 2, "b", 0, lease), Ok(true));
+        let writes = store.writes();
+        assert_eq!(open_stream(&store, &key, 2, "c", 0, lease), Ok(false));
+        assert_eq!(store.writes(), writes, "a refusal writes nothing");
+        assert_eq!(open_streams(&store, &key, 0), 2);
+        assert_eq!(text(&store, &key), "a:60000 b:60000");
+        close_stream(&store, &key, "a", 1).unwrap();
+        assert_eq!(text(&store, &key), "b:60000");
+        assert_eq!(open_stream(&store, &key, 2, "c", 1, lease), Ok(true));
+        // Closing a slot twice, or one never held, changes nothing.
+        let writes = store.writes();
+        close_stream(&store, &key, "a", 2).unwrap();
+        close_stream(&store, "never", "a", 2).unwrap();
+        assert_eq!(store.writes(), writes);
+        assert_eq!(store.value("never"), None);
+        close_stream(&store, &key, "b", 2).unwrap();
+        close_stream(&store, &key, "c", 2).unwrap();
+        assert_eq!(open_streams(&store, &key, 2), 0);
+        // A lowered max refuses until enough streams close.
+        for holder in ["x", "y", "z"] {
+            open_stream(&store, &key, 3, holder, 3, lease).unwrap();
+        }
+        assert_eq!(open_stream(&store, &key, 1, "w", 3, lease), Ok(false));
+    }
+
+    #[test]
+    fn the_stream_slot_lease_is_configurable_and_bounded() {
+        assert_eq!(
+            rules_from_json(&json!({}), "limits")
+                .unwrap()
+                .stream_lease_ms(),
+            60_000
+        );
+        let rules = rules_from_json(&json!({"stream_slot_lease_secs": 5}), "limits").unwrap();
+        assert_eq!(rules.stream_lease_ms(), 5_000);
+        for (bad, error) in [
+            (
+                json!(0),
+                "limits.stream_slot_lease_secs: expected an integer from 1 to 86400, found 0",
+            ),
+            (
+                json!(86_401),
+                "limits.stream_slot_lease_secs: expected an integer from 1 to 86400, found 86401",
+            ),
+            (
+                json!("5"),
+                "limits.stream_slot_lease_secs: expected an integer, found a string",
+            ),
+        ] {
+            assert_eq!(
+                rules_from_json(&json!({"stream_slot_lease_secs": bad}), "limits"),
+                Err(error.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn a_slot_nobody_renews_frees_itself_when_its_lease_ends() {
+        let store = MemoryStore::new();
+        let key = streams_key(LimitScope::Principal, "acme/k");
+        // "dead" belongs to a VM that panicked: never renewed, never closed.
+        assert_eq!(open_stream(&store, &key, 1, "dead", 1_000, 5_000), Ok(true));
+        assert_eq!(
+            open_stream(&store, &key, 1, "next", 5_999, 5_000),
+            Ok(false)
+        );
+        assert_eq!(open_streams(&store, &key, 5_999), 1);
+        assert_eq!(open_streams(&store, &key, 6_000), 0);
+        assert_eq!(open_stream(&store, &key, 1, "next", 6_000, 5_000), Ok(true));
+        assert_eq!(
+            text(&store, &key),
+            "next:11000",
+            "the expired slot is dropped"
+        );
+        // A renewed slot lives on.
+        renew_stream(&store, &key, "next", 9_000, 5_000).unwrap();
+        assert_eq!(
+            open_stream(&store, &key, 1, "third", 12_000, 5_000),
+            Ok(false)
+        );
+        assert_eq!(text(&store, &key), "next:14000");
+        // A renewal never shortens a lease.
+        renew_stream(&store, &key, "next", 8_000, 5_000).unwrap();
+        assert_eq!(text(&store, &key), "next:14000");
+        // A stream quiet past its lease is counted again when its body flows on, even over
+        // the limit: it is open.
+        assert_eq!(
+            open_stream(&store, &key, 1, "third", 14_000, 5_000),
+            Ok(true)
+        );
+        renew_stream(&store, &key, "next", 14_500, 5_000).unwrap();
+        assert_eq!(open_streams(&store, &key, 14_500), 2);
+        assert_eq!(
+            open_stream(&store, &key, 2, "fourth", 14_500, 5_000),
+            Ok(false)
+        );
+        // An old counter (the format before leases) or garbage counts nothing.
+        store.set("old", b"3", None).unwrap();
+        assert_eq!(open_streams(&store, "old", 0), 0);
+        assert_eq!(open_stream(&store, "old", 1, "a", 0, 5_000), Ok(true));
+        assert_eq!(text(&store, "old"), "a:5000");
+    }
+
+    #[test]
+    fn stream_slots_survive_cas_conflicts() {
+        let store = MemoryStore::new();
+        open_stream(&store, "s", 10, "a", 0, 1_000).unwrap();
+        store.inject_cas_conflicts(4);
+        assert_eq!(open_stream(&store, "s", 10, "b", 0, 1_000), Ok(true));
+        store.inject_cas_conflicts(4);
+        close_stream(&store, "s", "a", 0).unwrap();
+        assert_eq!(text(&store, "s"), "b:1000");
+        store.inject_cas_conflicts(4);
+        renew_stream(&store, "s", "b", 500, 1_000).unwrap();
+        assert_eq!(text(&store, "s"), "b:1500");
+        store.inject_cas_conflicts(CAS_ATTEMPTS);
+        assert_eq!(
+            open_stream(&store, "s", 10, "c", 0, 1_000),
+            Err(StoreError::CasMismatch)
+        );
+        assert_eq!(text(&store, "s"), "b:1500");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! Scopes ([`crate::scopes`]) say which calls a tenant may make; this module says what those
 //! calls may contain. It reads the JSON body only (no state), so every check is exact and the
-//! same on every worker and replica. It also owns [`clamp_session_budget`], which caps a new
-//! session's own spend ceiling at what the tenant has left (see [`crate::limits`]).
+//! same on every worker and replica. It also owns [`clamp_session_budget`] and
+//! [`clamp_session_budget_update`], which cap a session's own spend ceiling at what the
+//! tenant can give it (reserved in [`crate::limits::reserve_session_budget`]).
 //!
 //! # Config (`rules_from_json`)
 //! ```json
@@ -49,9 +50,9 @@
 //! - `vaults: false` refuses creating vaults and creating or changing vault credentials.
 //! - `max_body_bytes` caps inspected request bodies for the tenant ([`check_body_size`], 413).
 //!
-//! Where rules apply: agent create/update; session create with an `agent` object (its
-//! `model`/`tools`/`mcp_servers` overrides); session update (`agent.tools`,
-//! `agent.mcp_servers`); environment create/update; vault and credential writes. A refusal is
+//! Where rules apply: agent create/update; session create and update with an `agent` object
+//! (its `model`/`tools`/`mcp_servers` overrides, the same on both); environment
+//! create/update; vault and credential writes. A refusal is
 //! 403 `permission_error` naming the rule, e.g. `policy: model claude-opus-4-6 is not allowed
 //! for tenant acme (allowed: claude-sonnet-4-*)`; a field a rule must read but cannot (wrong
 //! type) is 400 `invalid_request_error`. Agents referenced by id are not re-checked here: they
@@ -271,15 +272,10 @@ pub fn check(
     let ctx = Ctx { policy, tenant };
     match (op.family, op.action) {
         (Family::Agents, Action::Create | Action::Update) => ctx.agent(body, ""),
-        (Family::Sessions, Action::Create) => match body.get("agent") {
+        // An update's `agent` is checked like a create's overrides: the upstream documents
+        // only `tools` and `mcp_servers` there, but a model it might accept must pass too.
+        (Family::Sessions, Action::Create | Action::Update) => match body.get("agent") {
             Some(agent @ Value::Object(_)) => ctx.agent(agent, "agent."),
-            _ => Ok(()),
-        },
-        (Family::Sessions, Action::Update) => match body.get("agent") {
-            Some(agent @ Value::Object(_)) => {
-                ctx.tools(agent.get("tools"), "agent.tools")?;
-                ctx.mcp_servers(agent.get("mcp_servers"), "agent.mcp_servers")
-            }
             _ => Ok(()),
         },
         (Family::Environments, Action::Create) => ctx.environment(body, true),
@@ -681,6 +677,14 @@ fn budget_cents(budget: &Value) -> Option<u64> {
     amount.parse().ok()
 }
 
+/// The budget a session body asks for, in µ$, when it is one the gateway can read (see
+/// [`clamp_session_budget`]); `None` when absent, `null` or unreadable.
+pub fn requested_budget_microdollars(body: &Value) -> Option<u64> {
+    body.get("budget")
+        .and_then(budget_cents)
+        .map(|cents| cents.saturating_mul(MICRO_PER_CENT))
+}
+
 /// Caps a `POST /v1/sessions` body's spend ceiling at the tenant's `remaining_microdollars`
 /// (from [`crate::limits::remaining_microdollars`]): sets or lowers `budget` to
 /// `{"type":"limit","max_list_cost":{"amount":"<cents>","currency":"USD"}}` with cents =
@@ -714,7 +718,8 @@ pub fn clamp_session_budget(body: &mut Value, remaining_microdollars: u64) -> bo
 
 /// The same cap for `POST /v1/sessions/{id}` (session update), where a budget is cumulative
 /// over the session's life: `ceiling_microdollars` should be the session's list cost so far
-/// plus the tenant's remaining money. An omitted `budget` keeps the session's (capped) one and
+/// plus the tenant's remaining money (the gateway uses the spend it has seen on the session's
+/// reservation plus what is left unreserved, see [`crate::limits::reserve_session_budget`]). An omitted `budget` keeps the session's (capped) one and
 /// is left alone; `null` would remove the cap and is refused with 403; any other value is
 /// capped like [`clamp_session_budget`]. Returns whether the body changed.
 pub fn clamp_session_budget_update(
@@ -1701,12 +1706,25 @@ mod tests {
             ),
             (400, "policy: agent.mcp_servers must be an array".into())
         );
-        // A session update cannot change the model: not inspected.
+        // A model in a session update is checked like a create's override, whether or not
+        // the upstream would apply it.
+        assert_eq!(
+            refusal(
+                &r,
+                Family::Sessions,
+                Action::Update,
+                json!({"title": "t", "agent": {"model": "claude-opus-4-6"}})
+            ),
+            (
+                403,
+                "policy: model claude-opus-4-6 is not allowed for tenant acme (allowed: claude-sonnet-4-*)".into()
+            )
+        );
         passes(
             &r,
             Family::Sessions,
             Action::Update,
-            json!({"title": "t", "agent": {"model": "claude-opus-4-6"}}),
+            json!({"title": "t", "agent": {"model": "claude-sonnet-4-6"}}),
         );
     }
 

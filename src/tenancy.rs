@@ -302,7 +302,7 @@ pub fn check(
 /// - `POST /v1/sessions`: `agent` (an id string, or any object's `id` — whatever its `type`,
 ///   since an unknown type is refused upstream anyway — plus ids inside its `multiagent`),
 ///   `environment_id`, every `vault_ids[]`, and ids inside `resources[]`;
-/// - `POST /v1/sessions/{id}`: `agent` as above, `vault_ids[]`;
+/// - `POST /v1/sessions/{id}`: `agent` as above, `vault_ids[]`, ids inside `resources[]`;
 /// - agent create/update: ids inside `multiagent` (a coordinator's roster names agents);
 /// - session resource create/update: ids anywhere in the body.
 ///
@@ -339,9 +339,11 @@ pub fn body_references(op: &Operation, body: &Value) -> Vec<(IdKind, String)> {
                 if let Some(Value::String(id)) = body.get("environment_id") {
                     refs.expect(IdKind::Environment, id);
                 }
-                if let Some(resources @ Value::Array(_)) = body.get("resources") {
-                    refs.scan(resources);
-                }
+            }
+            // Not documented on update, but an update naming resources is checked like a
+            // create rather than trusted to be refused upstream.
+            if let Some(resources @ Value::Array(_)) = body.get("resources") {
+                refs.scan(resources);
             }
         }
         (Family::Agents, Action::Create | Action::Update) => {
@@ -1079,6 +1081,15 @@ mod tests {
         assert_eq!(
             body_references(&op("POST", "/v1/sessions/sesn_1"), &body),
             ids(&[(IdKind::Agent, "agent_b"), (IdKind::Vault, "vlt_1")])
+        );
+        // Resources are not documented on update; named there, they are still checked.
+        assert_eq!(
+            body_references(
+                &op("POST", "/v1/sessions/sesn_1"),
+                &json!({"resources": [{"type": "vaults", "vault_ids": ["vlt_7"]},
+                                      {"type": "session", "session_id": "sesn_8"}]})
+            ),
+            ids(&[(IdKind::Vault, "vlt_7"), (IdKind::Session, "sesn_8")])
         );
         assert_eq!(
             body_references(

@@ -232,9 +232,11 @@ fn kitchen_sink() -> Value {
             "budgets": {"tenants": {
                 "acme": {"tokens_per_minute": 100_000, "tokens_per_day": 5_000_000,
                          "tokens_per_month": 100_000_000, "microdollars_per_minute": 1_000_000,
-                         "microdollars_per_day": 50_000_000, "microdollars_per_month": 1_000_000_000u64},
+                         "microdollars_per_day": 50_000_000, "microdollars_per_month": 1_000_000_000u64,
+                         "session_microdollars": 2_000_000},
                 "*": {"microdollars_per_day": 5_000_000}
-            }}
+            }},
+            "stream_slot_lease_secs": 60
         },
         "policy": {"tenants": {
             "acme": {

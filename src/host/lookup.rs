@@ -95,12 +95,13 @@ pub fn on_response(
     };
     metrics.apply(meter.on_body(&body, true, &ctx));
     let spend = meter.take_spend();
-    if let Err(err) = limits::charge(
+    if let Err(err) = limits::charge_session(
         &SharedData,
         tenant,
+        Some(session_id),
         spend.tokens,
         spend.microdollars,
-        now_secs,
+        super::now_ms(),
     ) {
         log::warn!("budget of {tenant} not charged: {err}");
     }

@@ -133,7 +133,8 @@ impl GatewayStream {
 
     /// Whether the request body must be read before anything of it goes upstream: owned
     /// create/update calls under isolation (references, tagging), calls a tenant policy
-    /// applies to, and session creates under a money budget (clamping).
+    /// applies to, and session creates and updates under a money budget (clamping: an update
+    /// can replace or remove the budget set at create).
     pub(super) fn needs_body(plan: &Plan, tenant: &str, op: &Operation) -> bool {
         let owned_write = matches!(
             op.family,
@@ -144,14 +145,17 @@ impl GatewayStream {
                 || (op.family == Family::VaultCredentials
                     && matches!(op.action, RouteAction::Create | RouteAction::Update)));
         let clamped = op.family == Family::Sessions
-            && op.action == RouteAction::Create
-            && plan.limits.budgets.for_tenant(tenant).is_some();
+            && matches!(op.action, RouteAction::Create | RouteAction::Update)
+            && has_money_budget(plan, tenant);
         (plan.isolation.enabled && owned_write) || policed || clamped
     }
 
     /// Policy, budget clamp and owner tag applied to a whole request body: the body to
-    /// forward and whether it changed, or the refusal.
+    /// forward and whether it changed, or the refusal. A session budget granted here is
+    /// reserved from the tenant's money (see [`limits::reserve_session_budget`]) and settled
+    /// when the call ends (`settle_reservation`).
     pub(super) fn inspect_body(
+        &mut self,
         plan: &Plan,
         tenant: &str,
         op: &Operation,
@@ -161,7 +165,9 @@ impl GatewayStream {
         let mut body = body;
         let mut changed = false;
         let policed = plan.policy.for_tenant(tenant).is_some();
-        let clamp = op.family == Family::Sessions && op.action == RouteAction::Create;
+        let clamp = op.family == Family::Sessions
+            && matches!(op.action, RouteAction::Create | RouteAction::Update)
+            && has_money_budget(plan, tenant);
         if policed || clamp {
             let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
                 ApiError::new(
@@ -172,24 +178,14 @@ impl GatewayStream {
             if policed {
                 policy::check(&plan.policy, tenant, op, &value).map_err(|e| e.because("policy"))?;
             }
-            if clamp {
-                let remaining = limits::remaining_microdollars(
-                    &SharedData,
-                    &plan.limits.budgets,
-                    tenant,
-                    now_ms() / 1000,
-                );
-                if let Some(remaining) = remaining {
-                    if policy::clamp_session_budget(&mut value, remaining) {
-                        body = serde_json::to_vec(&value).map_err(|e| {
-                            ApiError::new(
-                                ErrorKind::Api,
-                                format!("gateway could not rewrite the body: {e}"),
-                            )
-                        })?;
-                        changed = true;
-                    }
-                }
+            if clamp && self.clamp_session_budget(plan, tenant, op, &mut value)? {
+                body = serde_json::to_vec(&value).map_err(|e| {
+                    ApiError::new(
+                        ErrorKind::Api,
+                        format!("gateway could not rewrite the body: {e}"),
+                    )
+                })?;
+                changed = true;
             }
         }
         if plan.isolation.enabled {
@@ -200,6 +196,84 @@ impl GatewayStream {
             }
         }
         Ok((body, changed))
+    }
+
+    /// Sets or lowers the `budget` of a session create or update to what the tenant can give
+    /// it, reserving that; whether the body changed. A create is refused when everything the
+    /// tenant has left is reserved by other sessions; an update may not remove the budget.
+    fn clamp_session_budget(
+        &mut self,
+        plan: &Plan,
+        tenant: &str,
+        op: &Operation,
+        value: &mut serde_json::Value,
+    ) -> Result<bool, ApiError> {
+        let create = op.action == RouteAction::Create;
+        let holder = if create {
+            super::enforce::unique_holder("create", self.context_id)
+        } else {
+            match (value.get("budget"), op.id(IdKind::Session)) {
+                // An omitted budget keeps the session's; `null` would remove it.
+                (None, _) => return Ok(false),
+                (Some(serde_json::Value::Null), _) => {
+                    return policy::clamp_session_budget_update(value, 0)
+                        .map_err(|e| e.because("budget"))
+                }
+                (Some(_), Some(id)) => id.to_string(),
+                (Some(_), None) => return Ok(false),
+            }
+        };
+        let now = now_ms();
+        let wanted = policy::requested_budget_microdollars(value);
+        let until = if create {
+            now + limits::PENDING_RESERVATION_MS
+        } else {
+            0
+        };
+        let budgets = &plan.limits.budgets;
+        let granted = match limits::reserve_session_budget(
+            &SharedData,
+            budgets,
+            tenant,
+            &holder,
+            wanted,
+            now,
+            until,
+        ) {
+            Ok(Some(grant)) => {
+                self.reservation = Some(super::stream::HeldReservation {
+                    holder,
+                    previous: grant.previous,
+                    create,
+                });
+                grant.microdollars
+            }
+            Ok(None) => return Ok(false),
+            Err(err) => {
+                // Limits fail open (logged): clamp to what is left, unreserved.
+                log::warn!("#{} session budget not reserved: {err}", self.context_id);
+                let Some(remaining) =
+                    limits::remaining_microdollars(&SharedData, budgets, tenant, now / 1000)
+                else {
+                    return Ok(false);
+                };
+                remaining
+            }
+        };
+        if create && granted == 0 && wanted != Some(0) {
+            return Err(ApiError::new(
+                ErrorKind::RateLimit,
+                format!(
+                    "tenant {tenant} has no cost budget left for a new session: what is left is reserved by its open sessions (archive the ones it no longer needs, or give new sessions a lower budget)"
+                ),
+            )
+            .because("budget"));
+        }
+        if create {
+            Ok(policy::clamp_session_budget(value, granted))
+        } else {
+            policy::clamp_session_budget_update(value, granted).map_err(|e| e.because("budget"))
+        }
     }
 
     /// Whether a 2xx response of `op` is JSON the gateway rewrites (tag stripped, list filtered).
@@ -274,4 +348,13 @@ impl GatewayStream {
             }
         }
     }
+}
+
+/// Whether `tenant` has a money budget in any window (the session budget clamp applies).
+fn has_money_budget(plan: &Plan, tenant: &str) -> bool {
+    plan.limits.budgets.for_tenant(tenant).is_some_and(|b| {
+        limits::Window::ALL
+            .into_iter()
+            .any(|w| b.limit(limits::Metric::Microdollars, w).is_some())
+    })
 }

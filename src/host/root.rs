@@ -376,6 +376,18 @@ fn prepare_limit_keys(plan: &Plan) {
         ));
     }
     for (scope, tenant, name) in scopes {
+        let mut keys = Vec::new();
+        if plan.limits.max_streams(scope, &tenant).is_some() {
+            keys.push(limits::streams_key(scope, &name));
+        }
+        if scope == LimitScope::Tenant && plan.limits.budgets.for_tenant(&tenant).is_some() {
+            keys.push(limits::reservations_key(&tenant));
+        }
+        for key in keys {
+            if let Err(err) = limits::prepare_key(&SharedData, &key) {
+                log::warn!("limit key {key} not prepared: {err}");
+            }
+        }
         for class in [Class::Create, Class::Read, Class::Stream] {
             if plan.limits.rate(scope, &tenant, class).is_some() {
                 if let Err(err) =

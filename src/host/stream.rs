@@ -72,6 +72,15 @@ pub(super) enum Gate {
     Refused,
 }
 
+/// A session budget this request reserved (see `GatewayStream::inspect_body`), settled in
+/// `on_log`: bound to the created session, released, or put back.
+#[derive(Debug)]
+pub(super) struct HeldReservation {
+    pub(super) holder: String,
+    pub(super) previous: Option<crate::limits::Reservation>,
+    pub(super) create: bool,
+}
+
 pub struct GatewayStream {
     pub(super) context_id: u32,
     pub(super) plan: Option<Rc<Plan>>,
@@ -89,8 +98,12 @@ pub struct GatewayStream {
     pub(super) body_complete: bool,
     /// Rate-limit headers of an admitted call, added to its response.
     pub(super) rate_headers: Vec<(String, String)>,
-    /// Concurrent-stream slots this request holds (closed in `on_log`).
+    /// Concurrent-stream slots this request holds (leases renewed as the body flows, closed
+    /// in `on_log`), the holder name they are held under, and when they were last renewed.
     pub(super) stream_slots: Vec<String>,
+    pub(super) slot_holder: String,
+    pub(super) slots_renewed_ms: u64,
+    pub(super) reservation: Option<HeldReservation>,
     /// Envoy's `x-request-id` of this request, for the `request_id` of gateway answers.
     pub(super) envoy_request_id: Option<String>,
     pub(super) pending: HashMap<u32, Pending>,
@@ -116,6 +129,9 @@ impl GatewayStream {
             body_complete: false,
             rate_headers: Vec::new(),
             stream_slots: Vec::new(),
+            slot_holder: String::new(),
+            slots_renewed_ms: 0,
+            reservation: None,
             envoy_request_id: None,
             pending: HashMap::new(),
             meter: None,
@@ -266,7 +282,7 @@ impl GatewayStream {
         let original_len = body.len();
         let op = admitted.operation.clone();
         let tenant = admitted.principal.tenant.clone();
-        let (body, changed) = match Self::inspect_body(&plan, &tenant, &op, body) {
+        let (body, changed) = match self.inspect_body(&plan, &tenant, &op, body) {
             Ok(inspected) => inspected,
             Err(error) => return self.refuse(&error),
         };
@@ -665,6 +681,7 @@ impl HttpContext for GatewayStream {
         }
         self.meter_body(BufferType::HttpResponseBody, body_size, end_of_stream);
         self.charge_budgets();
+        self.renew_stream_slots();
         // Never hold the body back: streams flow as they arrive.
         Action::Continue
     }
@@ -680,11 +697,8 @@ impl HttpContext for GatewayStream {
             ),
             None => ("unrouted", "none"),
         };
-        for key in std::mem::take(&mut self.stream_slots) {
-            if let Err(err) = limits::close_stream(&SharedData, &key) {
-                log::warn!("#{} stream slot {key} not released: {err}", self.context_id);
-            }
-        }
+        self.close_stream_slots();
+        self.settle_reservation();
         let elapsed = now_ms().saturating_sub(self.started_ms);
         let mut metrics = self.metrics.borrow_mut();
         metrics.add(

@@ -54,7 +54,8 @@ FULL_PLUGIN = {
             "create": {"per_minute": HUGE}, "read": {"per_minute": HUGE},
             "stream": {"per_minute": HUGE}, "concurrent_streams": 1_000_000,
         },
-        "budgets": {"tenants": {"*": {"tokens_per_day": 10**15, "microdollars_per_day": 10**15}}},
+        "budgets": {"tenants": {"*": {"tokens_per_day": 10**15, "microdollars_per_day": 10**15,
+                                       "session_microdollars": 10**6}}},
     },
     "audit": {"redact_ids": False},
 }

@@ -367,10 +367,19 @@ def test_shipped_policy_fails_closed_then_reloads(emulator, fault_wasm, tmp_path
         gw.envoy.stop()
 
 
-def test_a_stream_slot_held_by_a_panicked_vm_stays_taken(emulator, fault_wasm):
-    """The documented leak (src/limits.rs, open_stream), measured: a stream cut by a VM panic
-    never runs on_log, so its concurrent-stream slot stays taken until Envoy restarts."""
-    gw = start(emulator, fault_wasm, plugin_overrides={"limits": {"per_principal": {"concurrent_streams": 1}}})
+# Renewals come at most a third of the lease apart plus the gap between two chunks (the
+# emulator's 2 s heartbeat here), so a 5 s lease is renewed in time and still taken right
+# after the panic.
+STREAM_LEASE_S = 5
+
+
+def test_a_stream_slot_held_by_a_panicked_vm_frees_itself_when_its_lease_ends(emulator, fault_wasm):
+    """A stream cut by a VM panic never runs on_log, so it never gives its concurrent-stream
+    slot back; the slot is a lease renewed only as the stream's body flows
+    (`limits.stream_slot_lease_secs`), so it frees itself within the lease. (Before leases it
+    stayed taken until Envoy restarted: 429 forever.)"""
+    gw = start(emulator, fault_wasm, plugin_overrides={"limits": {
+        "per_principal": {"concurrent_streams": 1}, "stream_slot_lease_secs": STREAM_LEASE_S}})
     stream = None
     try:
         sid = new_session(gw)
@@ -381,17 +390,39 @@ def test_a_stream_slot_held_by_a_panicked_vm_stays_taken(emulator, fault_wasm):
         send_text(gw, sid, "emulator:ticker 3")
         stream.wait(lambda s: s.count("agent.message") >= 1, 20, "a tick")
         panicked, _, _ = panic_now(gw)
+        panicked_at = time.monotonic()
         assert panicked.status == 503
-        stream.wait(lambda s: s.ended_at is not None, 20, "the stream to be cut")
         wait_recovered(gw)
-        after = gw.call("GET", f"/v1/sessions/{sid}/events/stream", timeout=10)
-        print(f"\nalice's next stream after the panic: {after.status} {after.body[:120]!r}")
-        assert after.status == 429, "the slot was released (the leak is fixed: update the docs)"
-        assert after.json()["error"]["type"] == "rate_limit_error"
+        # Renewed shortly before the panic: still taken right after it.
+        early = gw.call("GET", f"/v1/sessions/{sid}/events/stream", timeout=10)
+        early_at = time.monotonic() - panicked_at
+        assert early.status == 429, early.body
+        assert early.json()["error"]["type"] == "rate_limit_error"
+        stream.wait(lambda s: s.ended_at is not None, 20, "the stream to be cut")
+        deadline = panicked_at + STREAM_LEASE_S + 2
+        while True:
+            conn, after = open_raw_stream(gw, sid)
+            conn.close()
+            if after.status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        freed_after = time.monotonic() - panicked_at
+        print(f"\nalice's next stream: 429 at {early_at:.2f} s after the panic, "
+              f"{after.status} at {freed_after:.2f} s (lease {STREAM_LEASE_S} s)")
+        assert after.status == 200, f"the slot was still taken {freed_after:.2f} s after the panic"
+        assert freed_after <= STREAM_LEASE_S + 2
     finally:
         if stream:
             stream.close()
         gw.envoy.stop()
+
+
+def open_raw_stream(gw, sid):
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
+    conn.request("GET", f"/v1/sessions/{sid}/events/stream", headers={
+        "x-api-key": KEYS["alice"], "anthropic-version": "2023-06-01",
+        "anthropic-beta": MANAGED_AGENTS_BETA})
+    return conn, conn.getresponse()
 
 
 def test_a_background_service_panic_stops_it_until_restart(emulator, fault_wasm):

@@ -188,6 +188,9 @@ def test_decision_is_the_same_however_the_body_arrives(wired, operation, arrival
     stored = direct(gw.emulator, "GET", f"{path}/{body['id']}")
     if operation == "budget-clamp-session-create":
         assert stored["budget"] == {"type": "limit", "max_list_cost": {"amount": "5000", "currency": "USD"}}
+        # The session reserved all the tenant has left: archived, it gives it back for the next.
+        archived = ARRIVALS["h1-content-length"](gw.port, f"{path}/{body['id']}/archive", headers_for(key, None, {}), b"{}")
+        assert archived.status == 200, (archived.status, archived.body[:300])
     if operation == "owner-tag-agent-create":
         # The client's forged tag is replaced by its own tenant, and never shown back to it.
         assert stored["metadata"][TAG] == "alice", stored["metadata"]
