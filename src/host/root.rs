@@ -98,13 +98,21 @@ impl GatewayRoot {
         }
         match reconcile::try_lead(&SharedData, &self.instance, now_ms) {
             Ok(Leadership::Renewed) => {}
-            Ok(Leadership::TookOver { from }) => {
+            Ok(Leadership::TookOver { from: Some(from) }) => {
                 log::warn!(
-                    "#{} background duties taken over by filter root {} from {} (silent for over {} ms: a failed background service is not reloaded by Envoy)",
+                    "#{} background duties taken over by filter root {} from {from} (silent for over {} ms: a failed background service is not reloaded by Envoy)",
                     self.context_id,
                     self.instance,
-                    from.as_deref().unwrap_or("nobody"),
                     reconcile::LEASE_MS
+                );
+                self.leading = true;
+            }
+            Ok(Leadership::TookOver { from: None }) => {
+                // No background service in this deployment (e.g. Istio, Envoy Gateway).
+                log::info!(
+                    "#{} background duties run by filter root {} (no background service holds the lease)",
+                    self.context_id,
+                    self.instance
                 );
                 self.leading = true;
             }
