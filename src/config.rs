@@ -274,6 +274,7 @@ impl Plan {
         let gateway_keys = parse_gateway_keys(&mut root, &tenants)?;
         let metering = parse_metering(root.opt_obj("metering")?)?;
         root.finish()?;
+        require_declared_tenants(&tenants, &gateway_keys, jwt.is_some())?;
         Ok(Plan {
             upstream,
             betas,
@@ -693,6 +694,39 @@ fn parse_gateway_keys(root: &mut Obj, tenants: &[Tenant]) -> Result<Vec<GatewayK
     Ok(keys)
 }
 
+/// Without a `tenants` list nothing separates tenants (isolation is off by default) and every
+/// tenant may do everything (`*:*`), which is sound only while a single tenant can exist. A
+/// config under which several can — a JWT (its claim may name any tenant) or keys of two
+/// tenants — is refused rather than silently sharing every resource between them.
+fn require_declared_tenants(
+    tenants: &[Tenant],
+    keys: &[GatewayKey],
+    jwt: bool,
+) -> Result<(), ConfigError> {
+    if !tenants.is_empty() {
+        return Ok(());
+    }
+    if jwt {
+        return Err(ConfigError {
+            path: "jwt.tenant_claim".into(),
+            message: "a verified token may name any tenant, so `tenants` must be declared: without it tenant isolation is off and every tenant may do everything (*:*) with the others' resources".into(),
+        });
+    }
+    let Some(first) = keys.first() else {
+        return Ok(());
+    };
+    match keys.iter().enumerate().find(|(_, k)| k.tenant != first.tenant) {
+        None => Ok(()),
+        Some((i, other)) => Err(ConfigError {
+            path: format!("gateway_keys[{i}].tenant"),
+            message: format!(
+                "tenant {:?} differs from gateway_keys[0]'s {:?} while no tenants are declared: declare them in `tenants`, or tenant isolation is off and every tenant may do everything (*:*) with the others' resources",
+                other.tenant, first.tenant
+            ),
+        }),
+    }
+}
+
 /// A visible-ASCII token usable as a header value element (no commas, spaces or controls).
 fn is_header_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b',')
@@ -1104,5 +1138,46 @@ mod tests {
             err(&extra),
             "config error at gateway_keys[0].key: unknown field"
         );
+    }
+
+    #[test]
+    fn several_possible_tenants_need_declared_tenants() {
+        let key = |name: &str, tenant: Option<&str>| match tenant {
+            Some(t) => format!(r#"{{"name":"{name}","sha256":"{KEY_HASH}","tenant":"{t}"}}"#),
+            None => format!(r#"{{"name":"{name}","sha256":"{KEY_HASH}"}}"#),
+        };
+        let keys = |list: &[String]| {
+            format!(
+                r#"{{"api_version":"v1","gateway_keys":[{}]}}"#,
+                list.join(",")
+            )
+        };
+        // Keys of two tenants, no tenants list: refused at the first key of another tenant.
+        assert_eq!(
+            err(&keys(&[key("a", Some("acme")), key("b", Some("acme")), key("c", Some("globex"))])),
+            "config error at gateway_keys[2].tenant: tenant \"globex\" differs from gateway_keys[0]'s \"acme\" while no tenants are declared: declare them in `tenants`, or tenant isolation is off and every tenant may do everything (*:*) with the others' resources"
+        );
+        // An implicit `default` and a named tenant are two tenants too.
+        assert!(err(&keys(&[key("a", None), key("b", Some("acme"))]))
+            .starts_with("config error at gateway_keys[1].tenant: tenant \"acme\" differs from gateway_keys[0]'s \"default\""));
+        // One tenant, however named: nothing to isolate, accepted.
+        let one =
+            Plan::from_json(keys(&[key("a", Some("acme")), key("b", Some("acme"))]).as_bytes())
+                .unwrap();
+        assert_eq!((one.tenants.len(), one.isolation.enabled), (0, false));
+        assert!(Plan::from_json(keys(&[key("a", None), key("b", None)]).as_bytes()).is_ok());
+        // A JWT can name any tenant: tenants must be declared.
+        assert_eq!(
+            err(r#"{"api_version":"v1","jwt":{"tenant_claim":"org"}}"#),
+            "config error at jwt.tenant_claim: a verified token may name any tenant, so `tenants` must be declared: without it tenant isolation is off and every tenant may do everything (*:*) with the others' resources"
+        );
+        let declared = format!(
+            r#"{{"api_version":"v1","jwt":{{"tenant_claim":"org"}},"tenants":[{{"name":"acme"}},{{"name":"globex"}}],"gateway_keys":[{},{}]}}"#,
+            key("a", Some("acme")),
+            key("b", Some("globex"))
+        );
+        let plan = Plan::from_json(declared.as_bytes()).unwrap();
+        assert!(plan.isolation.enabled);
+        assert_eq!(plan.tenant_scopes("ghost"), vec![]);
     }
 }

@@ -34,7 +34,7 @@ pub const SCHEMA_ID: &str = "urn:ma-gateway:plugin-config:v1";
 /// A config the parser compiles with every optional field left out (and the optional sections
 /// whose fields have defaults present), so the schema's defaults are what the parser chooses.
 const DEFAULTS_PROBE: &str = r#"{"api_version":"v1",
-    "jwt":{"tenant_claim":"tenant"},
+    "jwt":{"tenant_claim":"tenant"},"tenants":[{"name":"probe"}],
     "credentials":[{"name":"probe","vault":{"cluster":"vault","authority":"vault","path":"/v1/probe","token_env":"VAULT_TOKEN"}}]}"#;
 
 // Limits the parser states inline (in `config.rs`, `jwt.rs`, `limits.rs`, `policy.rs`); the
@@ -116,10 +116,13 @@ fn schema(d: &Plan) -> Value {
                 "Checked by the parser only (not expressible here): credential, tenant and \
                  gateway key names are unique; tenants[].credential names a declared credential \
                  (or default); gateway_keys[].tenant names a declared tenant when tenants are \
-                 declared; expires_at is a real calendar time from 1970 on; prices are at most \
+                 declared, and without declared tenants all gateway keys belong to one tenant; \
+                 expires_at is a real calendar time from 1970 on; prices are at most \
                  $1000000; pricing.models[].match values are unique."
             ),
         );
+        // A JWT may name any tenant: without declared tenants everybody would share everything.
+        map.insert("dependentRequired".into(), json!({"jwt": ["tenants"]}));
         map.insert("$defs".into(), defs());
     }
     root
@@ -342,7 +345,7 @@ fn credentials(d: &Plan) -> Value {
 
 fn tenants() -> Value {
     json!({
-        "description": "declared tenants; none declared: every tenant may do everything",
+        "description": "declared tenants (required with `jwt`, or with gateway keys of more than one tenant); none declared: the one tenant may do everything",
         "type": "array",
         "items": object(
             "a tenant: the unit of isolation, scopes and upstream credentials",

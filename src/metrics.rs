@@ -13,6 +13,8 @@
 //! Scope: Envoy stats are per Envoy process (summed over workers); a fleet total is a
 //! Prometheus `sum` over replicas.
 
+use crate::store::{self, Store, StoreError};
+
 /// How Envoy aggregates a metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -200,6 +202,144 @@ pub fn label_names() -> Vec<&'static str> {
     names
 }
 
+/// The one `tenant` label value for every tenant the config does not know (a JWT naming an
+/// undeclared tenant, a session whose tenant was never learnt): each new claim value must not
+/// become a new series.
+pub const UNKNOWN_TENANT: &str = "unknown";
+
+/// The `tenant` label values a config allows: its declared tenants and the tenants of its
+/// gateway keys, plus [`UNKNOWN_TENANT`] for anything else. Bounded by the config, whatever
+/// tokens clients present.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantLabels {
+    known: Vec<String>,
+}
+
+impl TenantLabels {
+    pub fn from_plan(plan: &crate::config::Plan) -> TenantLabels {
+        let mut known: Vec<String> = plan.tenants.iter().map(|t| t.name.clone()).collect();
+        known.extend(plan.gateway_keys.iter().map(|k| k.tenant.clone()));
+        known.sort_unstable();
+        known.dedup();
+        TenantLabels { known }
+    }
+
+    /// The label value recorded for `tenant`.
+    pub fn label<'a>(&self, tenant: &'a str) -> &'a str {
+        if self.known.iter().any(|k| k == tenant) {
+            tenant
+        } else {
+            UNKNOWN_TENANT
+        }
+    }
+
+    /// `values` (in `metric.labels` order) with every `tenant` value bounded.
+    pub fn bound<'a>(&self, metric: &Metric, values: &[&'a str]) -> Vec<&'a str> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match metric.labels.get(i) {
+                Some(&"tenant") => self.label(v),
+                _ => v,
+            })
+            .collect()
+    }
+}
+
+/// `ma_gateway_active_streams` is recomputed rather than only counted up and down: a stream cut
+/// by a VM failure never runs its end-of-stream callback, so a bare gauge would stay one too
+/// high per such stream. Every filter root publishes its open-stream count with a heartbeat
+/// (`<open> <at_ms>`, written by that root alone) under [`stream_lease_key`], listed in
+/// [`STREAM_ROOTS_KEY`]; the background leader sets the gauge each tick to the sum over roots
+/// heard from within [`STREAM_LEASE_STALE_MS`], and drops the silent ones (a failed VM's root
+/// stops beating, so its streams stop counting).
+pub const STREAM_ROOTS_KEY: &str = "ma_gateway.streams.roots";
+/// A root silent this long (it beats every second) no longer counts.
+pub const STREAM_LEASE_STALE_MS: u64 = 5_000;
+/// Most roots listed; each VM reload adds one and the leader drops silent ones.
+pub const MAX_STREAM_ROOTS: usize = 1024;
+
+/// The shared-data key of one filter root's open-stream count.
+pub fn stream_lease_key(root: &str) -> String {
+    format!("ma_gateway.streams.{root}")
+}
+
+/// One root's record: its open streams at `at_ms`.
+pub fn encode_stream_lease(open: u64, at_ms: u64) -> Vec<u8> {
+    format!("{open} {at_ms}").into_bytes()
+}
+
+fn parse_stream_lease(bytes: &[u8]) -> Option<(u64, u64)> {
+    let (open, at) = std::str::from_utf8(bytes).ok()?.split_once(' ')?;
+    Some((open.parse().ok()?, at.parse().ok()?))
+}
+
+fn listed_roots(bytes: Option<&[u8]>) -> Vec<&str> {
+    bytes
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .map(|text| text.split('\n').filter(|r| !r.is_empty()).collect())
+        .unwrap_or_default()
+}
+
+/// Whether `root` is listed among the roots whose streams are counted.
+pub fn stream_root_listed(store: &dyn Store, root: &str) -> bool {
+    store
+        .get(STREAM_ROOTS_KEY)
+        .is_some_and(|(bytes, _)| listed_roots(Some(&bytes)).contains(&root))
+}
+
+/// Lists `root` (once). Refused with `Full` beyond [`MAX_STREAM_ROOTS`].
+pub fn register_stream_root(store: &dyn Store, root: &str) -> Result<(), StoreError> {
+    let mut full = false;
+    store::update(store, STREAM_ROOTS_KEY, 8, |current| {
+        let mut roots = listed_roots(current);
+        if roots.contains(&root) {
+            return None;
+        }
+        if roots.len() >= MAX_STREAM_ROOTS {
+            full = true;
+            return None;
+        }
+        roots.push(root);
+        Some((roots.join("\n").into_bytes(), ()))
+    })?;
+    if full {
+        return Err(StoreError::Full);
+    }
+    Ok(())
+}
+
+/// The leader's recount at `now_ms`: open streams of every root heard from recently. Roots
+/// silent for longer than [`STREAM_LEASE_STALE_MS`] are unlisted and their records cleared.
+pub fn recount_streams(store: &dyn Store, now_ms: u64) -> Result<u64, StoreError> {
+    let listed = store.get(STREAM_ROOTS_KEY).map(|(bytes, _)| bytes);
+    let mut total = 0u64;
+    let mut silent: Vec<String> = Vec::new();
+    for root in listed_roots(listed.as_deref()) {
+        let live = store
+            .get(&stream_lease_key(root))
+            .and_then(|(bytes, _)| parse_stream_lease(&bytes))
+            .filter(|(_, at)| now_ms.saturating_sub(*at) <= STREAM_LEASE_STALE_MS);
+        match live {
+            Some((open, _)) => total = total.saturating_add(open),
+            None => silent.push(root.to_string()),
+        }
+    }
+    if !silent.is_empty() {
+        store::update(store, STREAM_ROOTS_KEY, 8, |current| {
+            let kept: Vec<&str> = listed_roots(current)
+                .into_iter()
+                .filter(|r| !silent.iter().any(|s| s == r))
+                .collect();
+            Some((kept.join("\n").into_bytes(), ()))
+        })?;
+        for root in &silent {
+            store.set(&stream_lease_key(root), b"", None)?;
+        }
+    }
+    Ok(total)
+}
+
 /// `2xx` … `5xx` for a status code.
 pub fn status_class(status: u32) -> &'static str {
     match status {
@@ -293,6 +433,82 @@ mod tests {
                 m.name
             );
         }
+    }
+
+    #[test]
+    fn tenant_labels_are_bounded_by_the_config() {
+        let plan = crate::config::Plan::from_json(
+            br#"{"api_version":"v1","jwt":{"tenant_claim":"org"},
+                "tenants":[{"name":"acme"},{"name":"globex"}],
+                "gateway_keys":[{"name":"k","sha256":"2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae","tenant":"acme"}]}"#,
+        )
+        .unwrap();
+        let labels = TenantLabels::from_plan(&plan);
+        assert_eq!(
+            labels.bound(&TOKENS, &["acme", "claude-opus-4-6", "input"]),
+            ["acme", "claude-opus-4-6", "input"]
+        );
+        assert_eq!(labels.bound(&COST, &["ghost-1", "m"]), ["unknown", "m"]);
+        assert_eq!(labels.bound(&UPSTREAM_LIST_COST, &["globex"]), ["globex"]);
+        // Only the tenant label is bounded; other labels pass unchanged.
+        assert_eq!(labels.bound(&REFUSALS, &["ghost-1"]), ["ghost-1"]);
+        // A thousand different claim values: one series.
+        let names: std::collections::BTreeSet<String> = (0..1000)
+            .map(|i| {
+                stat_name(
+                    &TOKENS,
+                    &labels.bound(&TOKENS, &[&format!("t{i}"), "m", "input"]),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            ["ma_gateway_tokens_total.tenant.unknown.model.m.type.input"]
+        );
+        // Without tenants: the keys' one tenant.
+        let single = crate::config::Plan::from_json(br#"{"api_version":"v1","gateway_keys":[{"name":"k","sha256":"2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"}]}"#).unwrap();
+        let labels = TenantLabels::from_plan(&single);
+        assert_eq!(
+            (labels.label("default"), labels.label("x")),
+            ("default", "unknown")
+        );
+    }
+
+    #[test]
+    fn active_streams_are_recounted_from_live_roots_only() {
+        let store = crate::store::MemoryStore::new();
+        register_stream_root(&store, "a").unwrap();
+        register_stream_root(&store, "b").unwrap();
+        register_stream_root(&store, "a").unwrap();
+        assert!(stream_root_listed(&store, "a") && !stream_root_listed(&store, "c"));
+        store
+            .set(&stream_lease_key("a"), &encode_stream_lease(2, 1_000), None)
+            .unwrap();
+        store
+            .set(&stream_lease_key("b"), &encode_stream_lease(3, 1_000), None)
+            .unwrap();
+        assert_eq!(recount_streams(&store, 1_500), Ok(5));
+        // b's VM failed with its 3 streams open: it beats no more. a beats on.
+        store
+            .set(&stream_lease_key("a"), &encode_stream_lease(1, 6_500), None)
+            .unwrap();
+        assert_eq!(recount_streams(&store, 6_000), Ok(4));
+        assert_eq!(recount_streams(&store, 6_001), Ok(1));
+        // b is unlisted and cleared; a root never heard from counts nothing and goes too.
+        assert!(!stream_root_listed(&store, "b"));
+        assert_eq!(store.value(&stream_lease_key("b")), Some(vec![]));
+        register_stream_root(&store, "silent").unwrap();
+        assert_eq!(recount_streams(&store, 7_000), Ok(1));
+        assert!(!stream_root_listed(&store, "silent") && stream_root_listed(&store, "a"));
+        // Bounded registry.
+        let full = crate::store::MemoryStore::new();
+        for i in 0..MAX_STREAM_ROOTS {
+            register_stream_root(&full, &format!("r{i}")).unwrap();
+        }
+        assert_eq!(
+            register_stream_root(&full, "one-more"),
+            Err(StoreError::Full)
+        );
     }
 
     #[test]

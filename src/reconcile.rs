@@ -9,10 +9,81 @@
 //! sessions it has seen; accounting is idempotent, so overlap costs requests, not accuracy.
 
 use crate::config::Plan;
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreError};
 
 /// The root id that makes a root context the reconciler instead of the HTTP filter.
 pub const RECONCILER_ROOT_ID: &str = "ma_gateway_reconciler";
+
+/// Who runs the background duties (reconciling, Vault refresh, the active-streams recount):
+/// a lease in shared data, `<holder> <until_ms>`. The singleton service renews it every tick
+/// (it is the designated owner and writes unconditionally). Envoy never reloads a bootstrap
+/// service whose VM failed (a panic stops it until Envoy restarts), so every filter root checks
+/// the lease on its own tick and, once it has run out, takes it over by compare-and-swap: one
+/// holder at a time, and the duties resume within [`LEASE_MS`] plus a tick of the service's
+/// last renewal. A holder that fails the same way is replaced the same way.
+pub const LEASE_KEY: &str = "ma_gateway.background.lease";
+/// The singleton service's name in the lease.
+pub const SERVICE_HOLDER: &str = "service";
+/// How long a lease lasts without renewal; holders renew every one-second tick.
+pub const LEASE_MS: u64 = 3_000;
+
+/// What a filter root's tick found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leadership {
+    /// This root held the lease and renewed it: it runs the duties.
+    Renewed,
+    /// The lease had run out (its holder, if any, stopped renewing): this root took it over.
+    TookOver { from: Option<String> },
+    /// Somebody else holds a live lease (normally the service), or won the race for it.
+    Standby,
+}
+
+fn encode_lease(holder: &str, until_ms: u64) -> Vec<u8> {
+    format!("{holder} {until_ms}").into_bytes()
+}
+
+fn parse_lease(bytes: &[u8]) -> Option<(String, u64)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (holder, until) = text.split_once(' ')?;
+    Some((holder.to_string(), until.parse().ok()?))
+}
+
+/// The service's tick: it takes or keeps the lease whoever holds it.
+pub fn renew_as_service(store: &dyn Store, now_ms: u64) -> Result<(), StoreError> {
+    store.set(
+        LEASE_KEY,
+        &encode_lease(SERVICE_HOLDER, now_ms.saturating_add(LEASE_MS)),
+        None,
+    )
+}
+
+/// A filter root's tick: renews the lease when `me` holds it, takes it over when it has run
+/// out, else stands by. The write carries the token of the read, so of several roots racing
+/// for an expired lease exactly one wins (the key is created empty at configure time: a
+/// missing key would be created whatever token the write carries).
+pub fn try_lead(store: &dyn Store, me: &str, now_ms: u64) -> Result<Leadership, StoreError> {
+    let (holder, until, cas) = match store.get(LEASE_KEY) {
+        None => (None, 0, None),
+        Some((bytes, cas)) => match parse_lease(&bytes) {
+            Some((holder, until)) => (Some(holder), until, Some(cas)),
+            None => (None, 0, Some(cas)),
+        },
+    };
+    let mine = holder.as_deref() == Some(me);
+    if !mine && until > now_ms {
+        return Ok(Leadership::Standby);
+    }
+    match store.set(
+        LEASE_KEY,
+        &encode_lease(me, now_ms.saturating_add(LEASE_MS)),
+        cas,
+    ) {
+        Ok(()) if mine => Ok(Leadership::Renewed),
+        Ok(()) => Ok(Leadership::TookOver { from: holder }),
+        Err(StoreError::CasMismatch) => Ok(Leadership::Standby),
+        Err(other) => Err(other),
+    }
+}
 
 /// Picks up to `batch` sessions starting at `cursor` (wrapping), so that over successive ticks
 /// every indexed session is polled in turn. Returns the batch and the next cursor.
@@ -121,6 +192,49 @@ mod tests {
         assert_eq!(get("x-api-key"), Some("sk-up"));
         assert_eq!(get("anthropic-beta"), Some("managed-agents-2026-04-01"));
         assert_eq!(get("anthropic-version"), Some("2023-06-01"));
+    }
+
+    #[test]
+    fn the_service_leads_and_a_filter_root_takes_over_once_its_lease_runs_out() {
+        let store = MemoryStore::new();
+        crate::limits::prepare_key(&store, LEASE_KEY).unwrap();
+        renew_as_service(&store, 10_000).unwrap();
+        // While the service renews, filter roots stand by.
+        assert_eq!(try_lead(&store, "vm-a", 10_500), Ok(Leadership::Standby));
+        renew_as_service(&store, 11_000).unwrap();
+        assert_eq!(try_lead(&store, "vm-a", 13_999), Ok(Leadership::Standby));
+        // The service stopped renewing at 11 000 (a panic): its lease ends at 14 000.
+        assert_eq!(
+            try_lead(&store, "vm-a", 14_000),
+            Ok(Leadership::TookOver {
+                from: Some("service".into())
+            })
+        );
+        assert_eq!(try_lead(&store, "vm-b", 14_100), Ok(Leadership::Standby));
+        assert_eq!(try_lead(&store, "vm-a", 15_000), Ok(Leadership::Renewed));
+        // The holder fails the same way: another root takes over from it.
+        assert_eq!(
+            try_lead(&store, "vm-b", 18_000),
+            Ok(Leadership::TookOver {
+                from: Some("vm-a".into())
+            })
+        );
+        // The old holder, back, finds the lease taken: standby.
+        assert_eq!(try_lead(&store, "vm-a", 18_500), Ok(Leadership::Standby));
+        assert_eq!(try_lead(&store, "vm-b", 21_000), Ok(Leadership::Renewed));
+        // A racer that read the expired lease but wrote second stands by.
+        store.inject_cas_conflicts(1);
+        assert_eq!(try_lead(&store, "vm-c", 40_000), Ok(Leadership::Standby));
+        // A restarted service takes the lease back whoever holds it.
+        renew_as_service(&store, 41_000).unwrap();
+        assert_eq!(try_lead(&store, "vm-c", 41_500), Ok(Leadership::Standby));
+        // The empty key made at configure time is free to take.
+        let fresh = MemoryStore::new();
+        crate::limits::prepare_key(&fresh, LEASE_KEY).unwrap();
+        assert_eq!(
+            try_lead(&fresh, "vm-a", 1),
+            Ok(Leadership::TookOver { from: None })
+        );
     }
 
     #[test]

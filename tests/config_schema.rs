@@ -731,7 +731,7 @@ const PATTERN_CORPUS: &[(bool, &str)] = &[
     (false, r#"{"api_version":"v1","credentials":[{"name":"v","vault":{"cluster":"c","authority":"a","path":"/v1/a","token_env":"hvs.token"}}]}"#),
     (false, r#"{"api_version":"v1","credentials":[{"name":"v","env":"E","vault":{"cluster":"c","authority":"a","path":"/p","token_env":"T"}}]}"#),
     (false, r#"{"api_version":"v1","credentials":[{"name":"v"}]}"#),
-    (true, r#"{"api_version":"v1","jwt":{"tenant_claim":"https://example.com/claims tenant"}}"#),
+    (true, r#"{"api_version":"v1","tenants":[{"name":"t"}],"jwt":{"tenant_claim":"https://example.com/claims tenant"}}"#),
     (false, r#"{"api_version":"v1","jwt":{"tenant_claim":"org\u0001"}}"#),
     (true, r#"{"api_version":"v1","metering":{"pricing":{"runtime_usd_per_session_hour":"0.000001","web_search_usd_per_1k":"1.0000000"}}}"#),
     (true, r#"{"api_version":"v1","metering":{"pricing":{"runtime_usd_per_session_hour":"000.50","web_search_usd_per_1k":0}}}"#),

@@ -7,7 +7,14 @@
 //!   service with the same `vm_id`, so it sees the same shared data). Every second it checks
 //!   its duties: refresh Vault-backed credentials that are due (with backoff and jitter), and
 //!   every `metering.reconcile_interval_secs` poll a batch of known sessions and meter their
-//!   cumulative usage, compacting idle accounting records.
+//!   cumulative usage, compacting idle accounting records; and recount the open streams into
+//!   `ma_gateway_active_streams`.
+//!
+//! Envoy reloads a failed filter VM on its next request but never a failed bootstrap service,
+//! so the duties are held under a lease in shared data (`reconcile::try_lead`): the service
+//! renews it every tick, and every filter root checks it on its own one-second tick and takes
+//! the duties over, one root at a time, once the service has gone silent for
+//! `reconcile::LEASE_MS`.
 //!
 //! A config error is logged with its field path and rejects the config (returns false).
 
@@ -31,7 +38,7 @@ use crate::config::{Origin, Plan, VaultSource};
 use crate::credentials::{next_refresh_secs, parse_vault_kv2};
 use crate::errors::{gateway_request_id, ApiError, ErrorKind};
 use crate::limits::{self, Class, LimitScope};
-use crate::reconcile::{self, RECONCILER_ROOT_ID};
+use crate::reconcile::{self, Leadership, RECONCILER_ROOT_ID};
 
 /// Upper bound on one call to Vault.
 const VAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +58,10 @@ pub struct GatewayRoot {
     in_flight: HashMap<u32, Pending>,
     /// This root is the background service (not the HTTP filter).
     is_reconciler: bool,
+    /// A filter root's name in the background lease and the stream count (unique per root).
+    instance: String,
+    /// A filter root currently runs the background duties (it holds the lease).
+    leading: bool,
 }
 
 /// What a dispatched call was for.
@@ -70,6 +81,90 @@ impl GatewayRoot {
             vault_schedule: HashMap::new(),
             in_flight: HashMap::new(),
             is_reconciler: false,
+            instance: String::new(),
+            leading: false,
+        }
+    }
+
+    /// A filter root's tick: publish its open streams, then run the background duties if it
+    /// holds (or may take over) the lease.
+    fn standby_tick(&mut self, plan: &Plan) {
+        let now_ms = super::now_ms();
+        self.metrics.borrow().beat(now_ms);
+        if !crate::metrics::stream_root_listed(&SharedData, &self.instance) {
+            if let Err(err) = crate::metrics::register_stream_root(&SharedData, &self.instance) {
+                log::warn!("#{} open streams not listed: {err}", self.context_id);
+            }
+        }
+        match reconcile::try_lead(&SharedData, &self.instance, now_ms) {
+            Ok(Leadership::Renewed) => {}
+            Ok(Leadership::TookOver { from: Some(from) }) => {
+                log::warn!(
+                    "#{} background duties taken over by filter root {} from {from} (silent for over {} ms: a failed background service is not reloaded by Envoy)",
+                    self.context_id,
+                    self.instance,
+                    reconcile::LEASE_MS
+                );
+                self.leading = true;
+            }
+            Ok(Leadership::TookOver { from: None }) => {
+                // No background service in this deployment (e.g. Istio, Envoy Gateway).
+                log::info!(
+                    "#{} background duties run by filter root {} (no background service holds the lease)",
+                    self.context_id,
+                    self.instance
+                );
+                self.leading = true;
+            }
+            Ok(Leadership::Standby) => {
+                if self.leading {
+                    log::info!(
+                        "#{} background duties handed back (lease held elsewhere)",
+                        self.context_id
+                    );
+                    self.leading = false;
+                }
+                return;
+            }
+            Err(err) => {
+                log::warn!("#{} background lease not checked: {err}", self.context_id);
+                return;
+            }
+        }
+        self.background_duties(plan, now_ms / 1000);
+    }
+
+    /// Vault refresh, the active-streams recount and the reconciler's session batches.
+    fn background_duties(&mut self, plan: &Plan, now: u64) {
+        self.refresh_vault_credentials(plan, now);
+        match crate::metrics::recount_streams(&SharedData, super::now_ms()) {
+            Ok(open) => self
+                .metrics
+                .borrow_mut()
+                .set_gauge(&crate::metrics::ACTIVE_STREAMS, open),
+            Err(err) => log::warn!("#{} open streams not recounted: {err}", self.context_id),
+        }
+        let every = plan.metering.reconcile_interval_secs;
+        // A slow upstream must not let lookups pile up: wait while a batch is out.
+        let batch_out = self
+            .in_flight
+            .values()
+            .any(|p| matches!(p, Pending::Session(_)));
+        if every == 0 || now < self.next_reconcile || batch_out {
+            return;
+        }
+        self.next_reconcile = now + every;
+        if let Err(err) = accounting::sweep(&SharedData, &plan.metering.limits, now) {
+            log::warn!("#{} accounting sweep failed: {err}", self.context_id);
+        }
+        let sessions = accounting::active_sessions(&SharedData);
+        let (batch, cursor) =
+            reconcile::next_batch(&sessions, self.cursor, plan.metering.reconcile_batch);
+        self.cursor = cursor;
+        for session_id in batch {
+            if let Some(token) = lookup::dispatch(plan, &session_id) {
+                self.in_flight.insert(token, Pending::Session(session_id));
+            }
         }
     }
 
@@ -261,13 +356,24 @@ impl RootContext for GatewayRoot {
         };
         credentials::seed_all(&plan);
         prepare_limit_keys(&plan);
+        self.metrics
+            .borrow_mut()
+            .set_tenants(crate::metrics::TenantLabels::from_plan(&plan));
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
         self.is_reconciler = root_id == RECONCILER_ROOT_ID;
+        // The lease key exists before anybody competes for it (a missing key is created
+        // whatever compare-and-swap token a write carries).
+        if let Err(err) = limits::prepare_key(&SharedData, reconcile::LEASE_KEY) {
+            log::warn!("#{} background lease not prepared: {err}", self.context_id);
+        }
         if self.is_reconciler {
+            if let Err(err) = reconcile::renew_as_service(&SharedData, super::now_ms()) {
+                log::warn!("#{} background lease not taken: {err}", self.context_id);
+            }
             // One-second ticks; each duty keeps its own due time.
             if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
                 log::error!(
@@ -284,14 +390,22 @@ impl RootContext for GatewayRoot {
                 plan.credentials.iter().filter(|c| matches!(c.origin, Origin::Vault(_))).count()
             );
         } else {
-            if plan.isolation.hold_request_head {
-                // The watch on held heads (see head_hold): one-second ticks in each worker VM.
-                if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
-                    log::warn!(
-                        "#{} cannot start the held-head watch: {status:?}",
-                        self.context_id
-                    );
+            if self.instance.is_empty() {
+                self.instance = format!("{}-{}", now_ns(), self.context_id);
+                self.metrics.borrow_mut().set_stream_root(&self.instance);
+                // Listed at once, so the next recount already counts this root's streams.
+                if let Err(err) = crate::metrics::register_stream_root(&SharedData, &self.instance)
+                {
+                    log::warn!("#{} open streams not listed: {err}", self.context_id);
                 }
+            }
+            // One-second ticks in each worker VM: the watch on held heads (see head_hold), the
+            // open-stream heartbeat, and the standby for the background duties.
+            if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                log::warn!(
+                    "#{} cannot start the held-head watch and the background standby: {status:?}",
+                    self.context_id
+                );
             }
             log::info!(
                 "#{} ma-gateway {} ({}) configured: upstream {}, {} gateway key(s), {} tenant(s), neighbours [{}]",
@@ -309,39 +423,22 @@ impl RootContext for GatewayRoot {
     }
 
     fn on_tick(&mut self) {
+        let Some(plan) = self.plan.clone() else {
+            return;
+        };
         if !self.is_reconciler {
-            self.answer_stuck_heads();
+            if plan.isolation.hold_request_head {
+                self.answer_stuck_heads();
+            }
+            self.standby_tick(&plan);
             return;
         }
         #[cfg(feature = "fault-injection")]
         super::fault_injection::on_tick();
-        let Some(plan) = self.plan.clone() else {
-            return;
-        };
-        let now = now_secs();
-        self.refresh_vault_credentials(&plan, now);
-        let every = plan.metering.reconcile_interval_secs;
-        // A slow upstream must not let lookups pile up: wait while a batch is out.
-        let batch_out = self
-            .in_flight
-            .values()
-            .any(|p| matches!(p, Pending::Session(_)));
-        if every == 0 || now < self.next_reconcile || batch_out {
-            return;
+        if let Err(err) = reconcile::renew_as_service(&SharedData, super::now_ms()) {
+            log::warn!("#{} background lease not renewed: {err}", self.context_id);
         }
-        self.next_reconcile = now + every;
-        if let Err(err) = accounting::sweep(&SharedData, &plan.metering.limits, now) {
-            log::warn!("#{} accounting sweep failed: {err}", self.context_id);
-        }
-        let sessions = accounting::active_sessions(&SharedData);
-        let (batch, cursor) =
-            reconcile::next_batch(&sessions, self.cursor, plan.metering.reconcile_batch);
-        self.cursor = cursor;
-        for session_id in batch {
-            if let Some(token) = lookup::dispatch(&plan, &session_id) {
-                self.in_flight.insert(token, Pending::Session(session_id));
-            }
-        }
+        self.background_duties(&plan, now_secs());
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -402,4 +499,11 @@ fn prepare_limit_keys(plan: &Plan) {
 
 fn now_secs() -> u64 {
     super::now_ms() / 1000
+}
+
+fn now_ns() -> u128 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
 }

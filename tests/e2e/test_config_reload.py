@@ -16,7 +16,8 @@ ECDS (only the Wasm filter's config is discovered):
   the field and the previous config keeps serving; half a file is refused the same way.
 - Fail-closed without a `default_config`: the listener accepts connections only once the filter
   config is loaded (polled from the process start), and with an invalid ECDS file at startup
-  every call is answered 500 by Envoy, never forwarded, until a valid file is renamed in. With
+  every call is answered 500 by Envoy (an Anthropic `api_error` envelope, through
+  local_reply_config), never forwarded, until a valid file is renamed in. With
   a default_config, the same invalid file would serve the default silently (shown here too).
 
 LDS:
@@ -424,20 +425,19 @@ def test_ecds_update_under_load_keeps_streams_and_applies_to_the_next_request(em
 
 def test_ecds_invalid_file_at_startup_fails_closed_until_a_valid_one_is_renamed_in(emulator, upstream):
     """No default_config: with no loadable filter config Envoy still starts, and answers every
-    call itself (500, empty body); nothing reaches upstream, no call skips the filter."""
+    call itself (500, response flag NFCF, mapped by local_reply_config to an Anthropic
+    `api_error` envelope); nothing reaches upstream, no call skips the filter."""
     forwarded = len(emulator.requests())
     ecds, gw, seen = start_ecds(emulator, upstream, dynamic.render_extension_config(
         upstream=upstream, gateway_keys=KEYS, raw_plugin=BAD_PLUGIN))
     try:
-        assert seen == [("refused",), (500, None)], seen
+        assert seen == [("refused",), (500, "api_error")], seen
         counters = ecds.counters()
         assert (counters["update_success"], counters["update_rejected"]) == (0, 1)
         assert BAD_PLUGIN_ERROR in ecds.envoy.log()
         for key in (KEYS["alice"], None):
-            reply = gw.call("GET", "/v1/agents", key=key)
-            assert (reply.status, reply.body) == (500, b"")
-        reply = gw.call("POST", "/v1/messages", body={"model": "claude-sonnet-4-6", "max_tokens": 1})
-        assert (reply.status, reply.body) == (500, b"")
+            assert_not_loaded_envelope(gw.call("GET", "/v1/agents", key=key))
+        assert_not_loaded_envelope(gw.call("POST", "/v1/messages", body={"model": "claude-sonnet-4-6", "max_tokens": 1}))
         assert len(emulator.requests()) == forwarded, "a call reached upstream without the filter"
 
         verdict, took, _ = ecds.update(dynamic.render_extension_config(upstream=upstream, gateway_keys=KEYS))
@@ -447,6 +447,18 @@ def test_ecds_invalid_file_at_startup_fails_closed_until_a_valid_one_is_renamed_
         assert gw.call("GET", "/v1/agents", key=None).status == 401
     finally:
         ecds.stop()
+
+
+def assert_not_loaded_envelope(reply):
+    """Envoy's own 500 for a filter without config, as the Anthropic envelope (status kept)."""
+    assert reply.status == 500, reply.body
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.headers["x-should-retry"] == "false"
+    body = reply.json()
+    assert (body["type"], body["error"]["type"]) == ("error", "api_error"), body
+    assert body["error"]["message"] == (
+        "the gateway's filter configuration is not loaded (refused or missing); nothing was forwarded")
+    assert body["request_id"]
 
 
 def test_a_default_config_would_serve_silently_despite_an_invalid_file(emulator, upstream):

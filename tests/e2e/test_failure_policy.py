@@ -11,8 +11,10 @@ One worker (`--concurrency 1`) so every request meets the VM that panicked.
   milliseconds and never reaches upstream; requests in the reload backoff (1 s by default) get
   the same 503; then a fresh VM serves (200). A stream open on the same VM is cut at its next
   chunk (no more events, no `session.status_idle`); its usage is metered later from the
-  session's cumulative snapshot, exactly. A panic in the background service (on_tick) stops it
-  for good: Envoy reloads only filter VMs, on a request.
+  session's cumulative snapshot, exactly. A panic in the background service (on_tick) is never
+  reloaded by Envoy (it reloads only filter VMs, on a request): a filter root takes its duties
+  over once its lease runs out (next reconcile within seconds). The active-streams gauge forgets
+  streams cut by a panic (recomputed from the live roots' counts).
 - FAIL_CLOSED: the worker answers 503 to everything from then on.
 - FAIL_OPEN: the filter is skipped from then on: unauthenticated calls, the client's own
   gateway key and paths outside Managed Agents all reach upstream. Not acceptable for auth.
@@ -425,8 +427,33 @@ def open_raw_stream(gw, sid):
     return conn, conn.getresponse()
 
 
-def test_a_background_service_panic_stops_it_until_restart(emulator, fault_wasm):
-    """The singleton (reconciler, Vault refresh) is not reloaded: measured, not desired."""
+# The service renews its lease every second for 3 s (src/reconcile.rs, LEASE_MS); a filter
+# root checks it on its own one-second tick: the duties resume within ~4 s of the last renewal.
+TAKEOVER_BOUND_S = 10.0
+# Filter roots publish their open streams every second; a silent one stops counting after 5 s
+# (src/metrics.rs, STREAM_LEASE_STALE_MS) at the leader's next one-second recount.
+GAUGE_BOUND_S = 15.0
+
+
+def active_streams(gateway: Gateway) -> int | None:
+    for line in gateway.envoy.admin("/stats/prometheus").splitlines():
+        if line.startswith("ma_gateway_active_streams"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
+def wait_gauge(gateway: Gateway, value: int, bound: float, what: str) -> float:
+    started = time.monotonic()
+    while active_streams(gateway) != value:
+        assert time.monotonic() - started < bound, f"{what}: gauge {active_streams(gateway)}, want {value}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def test_a_background_service_panic_is_taken_over_by_a_filter_root(emulator, fault_wasm):
+    """Envoy never reloads the singleton (reconciler, Vault refresh) after a panic; a filter
+    root sees its lease run out and takes the duties over: the next reconcile comes within a
+    bounded time, and usage nobody reads is metered again."""
     gw = start(emulator, fault_wasm, plugin_overrides={"metering": {"reconcile_interval_secs": 1}})
     try:
         # Alive: a session nobody reads is metered by the reconciler.
@@ -436,33 +463,83 @@ def test_a_background_service_panic_stops_it_until_restart(emulator, fault_wasm)
         while tokens(gw).get("output", 0) == 0:
             assert time.monotonic() < deadline, "the reconciler never metered the session"
             time.sleep(0.1)
-        before = tokens(gw)
         panicked = gw.call("GET", "/v1/agents", headers={FAULT_HEADER: "tick"})
         assert panicked.status == 200  # the request itself is fine; the next tick panics
         deadline = time.monotonic() + 20
         while "fault injected in on_tick" not in gw.envoy.log():
             assert time.monotonic() < deadline, "the background service did not panic"
-            time.sleep(0.1)
+            time.sleep(0.05)
+        panicked_at = time.monotonic()
+        polls = f"/v1/sessions/{sid}"
+        seen = sum(r["path"] == polls for r in emulator.requests())
         send_text(gw, sid, "after")
-        deadline = time.monotonic() + 20
+
+        # The next poll of the session, by whoever holds the duties now.
+        while sum(r["path"] == polls for r in emulator.requests()) == seen:
+            assert time.monotonic() - panicked_at < TAKEOVER_BOUND_S, "nobody reconciled after the panic"
+            time.sleep(0.05)
+        resumed_in = time.monotonic() - panicked_at
+        print(f"\nfirst reconcile poll {resumed_in:.2f} s after the background service panicked")
+        assert "background duties taken over by filter root" in gw.envoy.log()
+        # Envoy did not reload the service: the filter root does its work.
+        assert stats(gw, "wasm.ma_gateway_reconciler.vm_reload")["wasm.ma_gateway_reconciler.vm_reload_success"] == 0
+
+        # The turn sent after the panic is metered without any client reading the session.
+        deadline = time.monotonic() + 30
         while emulator.usage(sid)["model_requests"] < 2:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        # An absence needs a window: 2.5 reconcile intervals without a single poll of the
-        # session (the reconciler polled it every second before), nothing new metered.
-        polls = f"/v1/sessions/{sid}"
-        seen = sum(r["path"] == polls for r in emulator.requests())
+        truth = emulator.usage(sid)
+        while tokens(gw).get("output", 0) != truth["output_tokens"]:
+            assert time.monotonic() < deadline, (tokens(gw), truth)
+            time.sleep(0.1)
+        print(f"metered by the takeover: {tokens(gw)} (truth output {truth['output_tokens']})")
+        # It keeps polling, once a second.
+        polled = sum(r["path"] == polls for r in emulator.requests())
+        deadline = time.monotonic() + 5
+        while sum(r["path"] == polls for r in emulator.requests()) < polled + 2:
+            assert time.monotonic() < deadline, "the takeover stopped reconciling"
+            time.sleep(0.1)
+    finally:
+        gw.envoy.stop()
+
+
+def test_the_active_streams_gauge_forgets_streams_cut_by_a_vm_failure(emulator, fault_wasm):
+    """A stream cut by a VM panic never runs its end callback, so it would stay counted; the
+    gauge is recomputed from the live roots' published counts and returns to the true value."""
+    gw = start(emulator, fault_wasm)
+    stream = None
+    try:
+        sid = new_session(gw)
+        stream = Stream(gw, f"/v1/sessions/{sid}/events/stream")
+        assert stream.resp.status == 200
+        wait_gauge(gw, 1, GAUGE_BOUND_S, "one stream open")
+        # Stable across recounts (one a second): the live root's stream is counted.
         window_end = time.monotonic() + 2.5
         while time.monotonic() < window_end:
-            assert sum(r["path"] == polls for r in emulator.requests()) == seen, "the reconciler polled"
+            assert active_streams(gw) == 1
             time.sleep(0.1)
-        assert tokens(gw) == before
-        assert stats(gw, "wasm.ma_gateway_reconciler.vm_reload")["wasm.ma_gateway_reconciler.vm_reload_success"] == 0
-        # The filter VMs are unaffected, and a read of the session meters the rest.
-        gw.ok("GET", f"/v1/sessions/{sid}")
-        truth = emulator.usage(sid)
-        assert tokens(gw)["output"] == truth["output_tokens"]
+        send_text(gw, sid, "emulator:ticker 3")
+        stream.wait(lambda s: s.count("agent.message") >= 1, 20, "a tick")
+        panicked, _, _ = panic_now(gw)
+        panicked_at = time.monotonic()
+        assert panicked.status == 503
+        stream.wait(lambda s: s.ended_at is not None, 20, "the stream to be cut")
+        wait_recovered(gw)
+        wait_gauge(gw, 0, GAUGE_BOUND_S, "the cut stream still counted")
+        print(f"\nactive-streams gauge back to 0 {time.monotonic() - panicked_at:.2f} s after the panic "
+              f"(stream cut {stream.ended_at - panicked_at:.2f} s after it)")
+        # The fresh VM counts its own streams as before.
+        again = Stream(gw, f"/v1/sessions/{sid}/events/stream")
+        try:
+            assert again.resp.status == 200
+            wait_gauge(gw, 1, GAUGE_BOUND_S, "a new stream")
+        finally:
+            again.close()
+        wait_gauge(gw, 0, GAUGE_BOUND_S, "the new stream closed")
     finally:
+        if stream:
+            stream.close()
         gw.envoy.stop()
 
 

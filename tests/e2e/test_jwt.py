@@ -9,8 +9,9 @@ What the gateway would read is made visible to the test: Envoy sets the response
 `x-test-jwt-payload` from `%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload)%` — the
 very entry `verified_claims` decodes — on every reply, and leaves it out when there is none.
 
-The gateway's plugin config names the claims (`jwt.tenant_claim: org`): a verified token
-alone is a principal of that tenant, with the token's `family:action` scopes.
+The gateway's plugin config names the claims (`jwt.tenant_claim: org`) and declares the tenants
+(required with a JWT): a verified token alone is a principal of that tenant, with the token's
+`family:action` scopes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def jwt_gateway(emulator, keys, tmp_path_factory):
     config = stack.render_envoy_config(
         upstream=emulator.upstream,
         listen_port=0, admin_port=0, gateway_keys=KEYS,
-        plugin_overrides={"jwt": {"tenant_claim": "org", "scopes_claim": "scope"}},
+        # A JWT may name any tenant, so the tenants are declared (the filter refuses a JWT config
+        # without them): the keys' `default` and the tokens' `acme`.
+        plugin_overrides={"jwt": {"tenant_claim": "org", "scopes_claim": "scope"},
+                          "tenants": [{"name": "default"}, {"name": "acme"}]},
     )
     jwt.add_jwt_authn(config, jwks_path=jwks_path, expose_payload_header=PAYLOAD_HEADER)
     envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
