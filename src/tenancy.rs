@@ -258,6 +258,68 @@ pub fn remember_owner(store: &dyn Store, id: &str, owner: Owner) -> Result<(), S
     .map(|_| ())
 }
 
+/// The owned ids a request's query string names as filters (`GET /v1/sessions?agent_id=…`),
+/// in order, without duplicates. They are checked like path ids, so a filter naming another
+/// tenant's id gets exactly the 404 an unknown id gets instead of a page that tells the two
+/// apart (a cursor left over from the other tenant's filtered-out items).
+///
+/// A parameter is a filter when its name, percent-decoded and without a `[…]` suffix, is `id`
+/// or ends in `_id` or `_ids`; each of its values (comma-separated lists too) is
+/// percent-decoded, since the upstream decodes them, and counts when it is a well-formed owned
+/// id. Other parameters (cursors, limits, free text) are never read.
+pub fn query_references(path: &str) -> Vec<(IdKind, String)> {
+    let mut refs = Refs::default();
+    let Some((_, query)) = path.split_once('?') else {
+        return refs.0;
+    };
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(key) = percent_decode(key) else {
+            continue;
+        };
+        let name = key.split_once('[').map_or(key.as_str(), |(name, _)| name);
+        if !(name == "id" || name.ends_with("_id") || name.ends_with("_ids")) {
+            continue;
+        }
+        let Some(value) = percent_decode(value) else {
+            continue;
+        };
+        for item in value.split(',') {
+            if let Some(kind) = owned_id_kind(item) {
+                refs.push(kind, item);
+            }
+        }
+    }
+    refs.0
+}
+
+/// `application/x-www-form-urlencoded` decoding of one query component (`+` is a space);
+/// `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The outcome of [`check`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -539,6 +601,12 @@ fn response_scope(family: Family) -> Option<Scope> {
     }
 }
 
+/// Whether responses of `family` are rewritten by [`rewrite_response`] (the host buffers
+/// exactly these): owned families and every family whose objects may embed owned ones.
+pub fn rewrites_family(family: Family) -> bool {
+    response_scope(family).is_some()
+}
+
 /// Rewrites a buffered 2xx JSON response so `tenant` sees only its own objects and never the
 /// tag: single objects teach their owner and lose the tag (anywhere, e.g. in a session's
 /// `agent` snapshot); list pages (`{"data":[…],…}`) teach every item's owner and keep only
@@ -796,6 +864,41 @@ mod tests {
 
     fn body_json(rewrite: &ResponseRewrite) -> Value {
         serde_json::from_slice(rewrite.body.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn query_filters_naming_owned_ids_are_references() {
+        let got = query_references(
+            "/v1/sessions?limit=1&agent_id=agent_a1&page=agent_cursor1&environment_id=env_e1",
+        );
+        assert_eq!(
+            got,
+            ids(&[(IdKind::Agent, "agent_a1"), (IdKind::Environment, "env_e1")])
+        );
+        // Percent-encoded keys and values, brackets, lists, duplicates.
+        assert_eq!(
+            query_references(
+                "/v1/x?agent%5Fid=%61gent_a2&vault_ids[]=vlt_1,vlt_2&vault_ids[]=vlt_1&id=sesn_s"
+            ),
+            ids(&[
+                (IdKind::Agent, "agent_a2"),
+                (IdKind::Vault, "vlt_1"),
+                (IdKind::Vault, "vlt_2"),
+                (IdKind::Session, "sesn_s")
+            ])
+        );
+        // Not filters, not owned, malformed: nothing.
+        for path in [
+            "/v1/sessions",
+            "/v1/sessions?",
+            "/v1/sessions?title=agent_a1&page=sesn_1",
+            "/v1/sessions?file_id=file_1&agent_id=agent_",
+            "/v1/sessions?agent_id=agent_a%2",
+            "/v1/sessions?agent_id=agent_a%FF",
+            "/v1/sessions?agent_id=agent_a%2Fb",
+        ] {
+            assert_eq!(query_references(path), vec![], "{path}");
+        }
     }
 
     #[test]
