@@ -290,8 +290,9 @@ impl Default for RouteRules {
 impl RouteRules {
     /// The first routed neighbour (index in `neighbours`) not declared shared. No neighbour
     /// carries an owner — files and skills are created by multipart uploads (no JSON body to
-    /// tag), memory stores document no `metadata`, deployment runs are created by the upstream
-    /// and reached by id alone — so under tenant isolation routing one silently shares it.
+    /// tag), memory stores document no `metadata`, and deployments (which do) come with their
+    /// runs, created by the upstream and reached by `drun_…` id alone — so under tenant
+    /// isolation routing one would silently share it; config refuses that unless declared.
     pub fn unisolated_neighbour(&self) -> Option<(usize, Neighbour)> {
         self.neighbours
             .iter()

@@ -601,10 +601,17 @@ fn response_scope(family: Family) -> Option<Scope> {
     }
 }
 
-/// Whether responses of `family` are rewritten by [`rewrite_response`] (the host buffers
-/// exactly these): owned families and every family whose objects may embed owned ones.
-pub fn rewrites_family(family: Family) -> bool {
-    response_scope(family).is_some()
+/// Whether the host buffers a 2xx response of `op` for [`rewrite_response`]: owned objects
+/// and lists, and the small objects that embed them (threads with their agent snapshot,
+/// session resources, work items, agent versions, credentials). Streams are never buffered,
+/// and neither are event pages (session or thread `…/events`, up to 1000 events: more than
+/// Envoy's default 1 MiB buffer).
+pub fn rewrites(op: &Operation) -> bool {
+    let events = op.family == Family::SessionEvents
+        || (op.family == Family::SessionThreads
+            && op.action == Action::List
+            && op.id(IdKind::Thread).is_some());
+    response_scope(op.family).is_some() && op.action != Action::Stream && !events
 }
 
 /// Rewrites a buffered 2xx JSON response so `tenant` sees only its own objects and never the
@@ -864,6 +871,35 @@ mod tests {
 
     fn body_json(rewrite: &ResponseRewrite) -> Value {
         serde_json::from_slice(rewrite.body.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn responses_buffered_for_rewriting() {
+        let buffered = |method: &str, path: &str| rewrites(&op(method, path));
+        for (method, path) in [
+            ("GET", "/v1/agents"),
+            ("GET", "/v1/agents/agent_1/versions"),
+            ("POST", "/v1/sessions"),
+            ("GET", "/v1/sessions/sesn_1/threads"),
+            ("GET", "/v1/sessions/sesn_1/threads/sthr_1"),
+            ("POST", "/v1/sessions/sesn_1/threads/sthr_1/archive"),
+            ("GET", "/v1/sessions/sesn_1/resources"),
+            ("POST", "/v1/sessions/sesn_1/resources"),
+            ("GET", "/v1/environments/env_1/work"),
+            ("GET", "/v1/vaults/vlt_1/credentials"),
+        ] {
+            assert!(buffered(method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            ("GET", "/v1/sessions/sesn_1/events"),
+            ("POST", "/v1/sessions/sesn_1/events"),
+            ("GET", "/v1/sessions/sesn_1/events/stream"),
+            ("GET", "/v1/sessions/sesn_1/stream"),
+            ("GET", "/v1/sessions/sesn_1/threads/sthr_1/events"),
+            ("GET", "/v1/sessions/sesn_1/threads/sthr_1/stream"),
+        ] {
+            assert!(!buffered(method, path), "{method} {path}");
+        }
     }
 
     #[test]

@@ -276,16 +276,10 @@ impl GatewayStream {
         }
     }
 
-    /// Whether a 2xx response of `op` is JSON the gateway buffers and rewrites (tag stripped,
-    /// list filtered): owned objects and the small objects that embed them (threads with their
-    /// agent snapshot, session resources, work items). Streams and event pages are not
-    /// buffered: an event page (up to 1000 events) can exceed Envoy's buffer limit.
+    /// Whether a 2xx response of `op` is JSON the gateway buffers and rewrites (see
+    /// [`tenancy::rewrites`]).
     pub(super) fn rewrites(op: &Operation) -> bool {
-        let events = op.family == Family::SessionEvents
-            || (op.family == Family::SessionThreads
-                && op.action == RouteAction::List
-                && op.id(IdKind::Thread).is_some());
-        tenancy::rewrites_family(op.family) && op.action != RouteAction::Stream && !events
+        tenancy::rewrites(op)
     }
 
     /// The whole buffered JSON response of an owned resource: tag stripped, list filtered.
