@@ -17,6 +17,8 @@ use crate::sha256;
 
 /// Prefix of every filter-state key of the record.
 pub const PROPERTY_PREFIX: &str = "ma_gateway_audit_";
+/// The field holding [`path_field`] (filter state `ma_gateway_audit_path`).
+pub const PATH_FIELD: &str = "path";
 
 /// Event types listed per `POST …/events` at most (the rest are counted as `+N`).
 const MAX_EVENT_TYPES: usize = 32;
@@ -63,10 +65,111 @@ pub fn decision_fields(
         None => fields.push(("decision", "allowed".to_string())),
         Some(error) => {
             fields.push(("decision", "refused".to_string()));
-            fields.push(("reason", format!("{}: {}", error.reason, error.message)));
+            let ids = op.map_or(&[][..], |op| op.ids.as_slice());
+            fields.push(("reason", reason_field(rules, error, ids)));
         }
     }
     fields
+}
+
+/// `reason: message` of a refusal. With `redact_ids`, every id in it is redacted as in
+/// [`ids_field`]: the `ids` of the call, and any word that starts with an id prefix
+/// (`agent_…`, `sesn_…`, …) — a body reference or a query filter named in a 404 is not among
+/// the path ids. Over-redacting a field name such as `file_id` is the safe side.
+pub fn reason_field(rules: &AuditRules, error: &ApiError, ids: &[(IdKind, String)]) -> String {
+    let reason = format!("{}: {}", error.reason, error.message);
+    if rules.redact_ids {
+        redact_text(&reason, ids)
+    } else {
+        reason
+    }
+}
+
+/// `text` with every id (see [`reason_field`]) replaced by its redacted form.
+pub fn redact_text(text: &str, ids: &[(IdKind, String)]) -> String {
+    let is_id_byte = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        let end = rest.find(|c: char| !is_id_byte(c)).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        if !word.is_empty() {
+            if looks_like_id(word, ids) {
+                out.push_str(&redacted_id(word));
+            } else {
+                out.push_str(word);
+            }
+        }
+        let mut chars = tail.chars();
+        if let Some(c) = chars.next() {
+            out.push(c);
+        }
+        rest = chars.as_str();
+    }
+    out
+}
+
+fn looks_like_id(word: &str, ids: &[(IdKind, String)]) -> bool {
+    ids.iter().any(|(_, id)| id == word)
+        || IdKind::ALL.iter().any(|kind| {
+            kind.prefix()
+                .and_then(|p| word.strip_prefix(p))
+                .is_some_and(|body| !body.is_empty())
+        })
+}
+
+/// One id as the audit writes it with `redact_ids`: `sha256:<16 hex>`.
+pub fn redacted_id(id: &str) -> String {
+    format!(
+        "sha256:{}",
+        &sha256::to_hex(&sha256::digest(id.as_bytes()))[..16]
+    )
+}
+
+/// The request path for Envoy's access logs (filter state `ma_gateway_audit_path`, which
+/// the shipped configs print instead of `%REQ(:PATH)%`). Without `redact_ids` it is the path
+/// as received. With it: the path's id segments are redacted as in [`ids_field`] (so lines
+/// still join with the audit record), every query value (and a bare parameter) is redacted
+/// the same way (cursors and filters alike; names are kept), and a path that is not a routed endpoint — whose ids the gateway
+/// cannot tell from words — is written as `unrouted:sha256:<16 hex>` of the whole path.
+pub fn path_field(rules: &AuditRules, path: &str, op: Option<&Operation>) -> String {
+    if !rules.redact_ids {
+        return path.to_string();
+    }
+    let Some(op) = op else {
+        return format!("unrouted:{}", redacted_id(path));
+    };
+    let (path_only, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let mut out = path_only
+        .split('/')
+        .map(|segment| {
+            if op.ids.iter().any(|(_, id)| id == segment) {
+                redacted_id(segment)
+            } else {
+                segment.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/");
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, value)) if !value.is_empty() => {
+                    format!("{key}={}", redacted_id(value))
+                }
+                Some(_) => pair.to_string(),
+                None if pair.is_empty() => String::new(),
+                None => redacted_id(pair),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out
 }
 
 /// Whether the call changes state upstream (everything but reads, lists and streams).
@@ -84,8 +187,7 @@ pub fn ids_field(rules: &AuditRules, ids: &[(IdKind, String)]) -> String {
         out.push_str(kind_name(*kind));
         out.push('=');
         if rules.redact_ids {
-            out.push_str("sha256:");
-            out.push_str(&sha256::to_hex(&sha256::digest(id.as_bytes()))[..16]);
+            out.push_str(&redacted_id(id));
         } else {
             out.push_str(id);
         }
@@ -173,6 +275,68 @@ mod tests {
                 (IdKind::Credential, "vcrd_2".into()),
             ],
         }
+    }
+
+    #[test]
+    fn redacted_reasons_and_paths_carry_no_raw_id() {
+        let rules = AuditRules { redact_ids: true };
+        let h = |id: &str| redacted_id(id);
+        let ids = vec![
+            (IdKind::Session, "sesn_1".to_string()),
+            (IdKind::SessionResource, "res9".to_string()),
+        ];
+        let error = ApiError::new(ErrorKind::NotFound, "agent agent_01Xy not found; see res9")
+            .because("ownership");
+        assert_eq!(
+            reason_field(&rules, &error, &ids),
+            format!(
+                "ownership: agent {} not found; see {}",
+                h("agent_01Xy"),
+                h("res9")
+            )
+        );
+        assert_eq!(
+            reason_field(&AuditRules::default(), &error, &ids),
+            "ownership: agent agent_01Xy not found; see res9"
+        );
+        // Words that merely share a prefix's letters are kept; a bare prefix is not an id.
+        assert_eq!(
+            redact_text("sessions agents:create env_ vlt_a-b…", &[]),
+            format!("sessions agents:create env_ {}…", h("vlt_a-b"))
+        );
+        let op = Operation {
+            family: Family::SessionResources,
+            action: Action::Read,
+            ids: ids.clone(),
+        };
+        assert_eq!(
+            path_field(
+                &rules,
+                "/v1/sessions/sesn_1/resources/res9?limit=1&agent_id=agent_2&x",
+                Some(&op)
+            ),
+            format!(
+                "/v1/sessions/{}/resources/{}?limit={}&agent_id={}&{}",
+                h("sesn_1"),
+                h("res9"),
+                h("1"),
+                h("agent_2"),
+                h("x")
+            )
+        );
+        assert_eq!(
+            path_field(&rules, "/v1/sessions/sesn_1", Some(&op)),
+            format!("/v1/sessions/{}", h("sesn_1"))
+        );
+        assert_eq!(
+            path_field(&rules, "/v1/nope/agent_1?a=b", None),
+            format!("unrouted:{}", h("/v1/nope/agent_1?a=b"))
+        );
+        assert_eq!(
+            path_field(&AuditRules::default(), "/v1/nope/agent_1?a=b", None),
+            "/v1/nope/agent_1?a=b"
+        );
+        assert_eq!(h("sesn_1").len(), "sha256:".len() + 16);
     }
 
     #[test]

@@ -249,6 +249,20 @@ impl Plan {
         let credentials = parse_credentials(&mut root, &upstream)?;
         let tenants = parse_tenants(&mut root, &credentials)?;
         let isolation = parse_isolation(root.opt_obj("isolation")?, !tenants.is_empty())?;
+        if isolation.enabled {
+            if let Some((i, n)) = routes.unisolated_neighbour() {
+                return Err(ConfigError {
+                    path: format!("routes.neighbours[{i}]"),
+                    message: format!(
+                        "{:?} is not isolated between tenants: the gateway records no owner for \
+                         its objects, so every tenant could read, list, delete and attach every \
+                         other tenant's; list it in routes.shared_neighbours to share it on \
+                         purpose, or remove it",
+                        n.as_str()
+                    ),
+                });
+            }
+        }
         let audit = match root.opt_obj("audit")? {
             None => AuditRules::default(),
             Some(mut obj) => {
@@ -394,6 +408,21 @@ fn parse_routes(obj: Option<Obj>) -> Result<RouteRules, ConfigError> {
             neighbours.push(n);
         }
         rules.neighbours = neighbours;
+    }
+    if let Some(names) = obj.opt_str_list("shared_neighbours", |_| true)? {
+        let mut shared = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let at = format!("shared_neighbours[{i}]");
+            let Some(n) = Neighbour::parse(name) else {
+                let known: Vec<_> = Neighbour::ALL.iter().map(|n| n.as_str()).collect();
+                return Err(obj.error_at(
+                    &at,
+                    format!("unknown neighbour {name:?}; known: {}", known.join(", ")),
+                ));
+            };
+            shared.push(n);
+        }
+        rules.shared_neighbours = shared;
     }
     if let Some(n) = obj.opt_uint("max_path_bytes", 64, 65_536)? {
         rules.max_path_bytes = n;
@@ -992,6 +1021,19 @@ mod tests {
             (
                 r#"{"api_version":"v1","upstrem":{}}"#,
                 "config error at upstrem: unknown field",
+            ),
+            (
+                r#"{"api_version":"v1","tenants":[{"name":"a"}],
+                   "routes":{"neighbours":["files","memory_stores"],"shared_neighbours":["files"]}}"#,
+                "config error at routes.neighbours[1]: \"memory_stores\" is not isolated between tenants",
+            ),
+            (
+                r#"{"api_version":"v1","isolation":{"enabled":true},"routes":{"neighbours":["skills"]}}"#,
+                "config error at routes.neighbours[0]: \"skills\" is not isolated between tenants",
+            ),
+            (
+                r#"{"api_version":"v1","routes":{"shared_neighbours":["mail"]}}"#,
+                "config error at routes.shared_neighbours[0]: unknown neighbour",
             ),
             (
                 r#"{"api_version":"v1","upstream":{"host":"x"}}"#,

@@ -797,6 +797,15 @@ fn routes(d: &Plan) -> Value {
                 }),
             ),
             (
+                "shared_neighbours",
+                json!({
+                    "description": "neighbours shared between tenants on purpose; with tenant isolation on, every entry of `neighbours` must be listed here (none of them carries an owner)",
+                    "type": "array",
+                    "items": { "type": "string", "enum": names },
+                    "default": [],
+                }),
+            ),
+            (
                 "max_path_bytes",
                 json!({
                     "description": "longest path (without query) forwarded",

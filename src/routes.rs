@@ -205,8 +205,27 @@ pub enum IdKind {
 }
 
 impl IdKind {
+    /// Every kind (the audit redacts ids of each by their prefix).
+    pub const ALL: [IdKind; 15] = [
+        IdKind::Agent,
+        IdKind::Session,
+        IdKind::Thread,
+        IdKind::SessionResource,
+        IdKind::Environment,
+        IdKind::Work,
+        IdKind::Vault,
+        IdKind::Credential,
+        IdKind::File,
+        IdKind::Skill,
+        IdKind::SkillVersion,
+        IdKind::MemoryStore,
+        IdKind::Memory,
+        IdKind::Deployment,
+        IdKind::DeploymentRun,
+    ];
+
     /// The prefix every id of this kind starts with, where the API documents one.
-    fn prefix(self) -> Option<&'static str> {
+    pub fn prefix(self) -> Option<&'static str> {
         match self {
             IdKind::Agent => Some("agent_"),
             IdKind::Session => Some("sesn_"),
@@ -253,6 +272,8 @@ pub struct RouteRules {
     pub max_path_bytes: usize,
     pub max_id_bytes: usize,
     pub neighbours: Vec<Neighbour>,
+    /// Routed neighbours the operator declared shared between tenants on purpose.
+    pub shared_neighbours: Vec<Neighbour>,
 }
 
 impl Default for RouteRules {
@@ -261,7 +282,23 @@ impl Default for RouteRules {
             max_path_bytes: 2048,
             max_id_bytes: 128,
             neighbours: Vec::new(),
+            shared_neighbours: Vec::new(),
         }
+    }
+}
+
+impl RouteRules {
+    /// The first routed neighbour (index in `neighbours`) not declared shared. No neighbour
+    /// carries an owner — files and skills are created by multipart uploads (no JSON body to
+    /// tag), memory stores document no `metadata`, and deployments (which do) come with their
+    /// runs, created by the upstream and reached by `drun_…` id alone — so under tenant
+    /// isolation routing one would silently share it; config refuses that unless declared.
+    pub fn unisolated_neighbour(&self) -> Option<(usize, Neighbour)> {
+        self.neighbours
+            .iter()
+            .enumerate()
+            .find(|(_, n)| !self.shared_neighbours.contains(n))
+            .map(|(i, n)| (i, *n))
     }
 }
 

@@ -258,6 +258,68 @@ pub fn remember_owner(store: &dyn Store, id: &str, owner: Owner) -> Result<(), S
     .map(|_| ())
 }
 
+/// The owned ids a request's query string names as filters (`GET /v1/sessions?agent_id=…`),
+/// in order, without duplicates. They are checked like path ids, so a filter naming another
+/// tenant's id gets exactly the 404 an unknown id gets instead of a page that tells the two
+/// apart (a cursor left over from the other tenant's filtered-out items).
+///
+/// A parameter is a filter when its name, percent-decoded and without a `[…]` suffix, is `id`
+/// or ends in `_id` or `_ids`; each of its values (comma-separated lists too) is
+/// percent-decoded, since the upstream decodes them, and counts when it is a well-formed owned
+/// id. Other parameters (cursors, limits, free text) are never read.
+pub fn query_references(path: &str) -> Vec<(IdKind, String)> {
+    let mut refs = Refs::default();
+    let Some((_, query)) = path.split_once('?') else {
+        return refs.0;
+    };
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(key) = percent_decode(key) else {
+            continue;
+        };
+        let name = key.split_once('[').map_or(key.as_str(), |(name, _)| name);
+        if !(name == "id" || name.ends_with("_id") || name.ends_with("_ids")) {
+            continue;
+        }
+        let Some(value) = percent_decode(value) else {
+            continue;
+        };
+        for item in value.split(',') {
+            if let Some(kind) = owned_id_kind(item) {
+                refs.push(kind, item);
+            }
+        }
+    }
+    refs.0
+}
+
+/// `application/x-www-form-urlencoded` decoding of one query component (`+` is a space);
+/// `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The outcome of [`check`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -539,6 +601,19 @@ fn response_scope(family: Family) -> Option<Scope> {
     }
 }
 
+/// Whether the host buffers a 2xx response of `op` for [`rewrite_response`]: owned objects
+/// and lists, and the small objects that embed them (threads with their agent snapshot,
+/// session resources, work items, agent versions, credentials). Streams are never buffered,
+/// and neither are event pages (session or thread `…/events`, up to 1000 events: more than
+/// Envoy's default 1 MiB buffer).
+pub fn rewrites(op: &Operation) -> bool {
+    let events = op.family == Family::SessionEvents
+        || (op.family == Family::SessionThreads
+            && op.action == Action::List
+            && op.id(IdKind::Thread).is_some());
+    response_scope(op.family).is_some() && op.action != Action::Stream && !events
+}
+
 /// Rewrites a buffered 2xx JSON response so `tenant` sees only its own objects and never the
 /// tag: single objects teach their owner and lose the tag (anywhere, e.g. in a session's
 /// `agent` snapshot); list pages (`{"data":[…],…}`) teach every item's owner and keep only
@@ -796,6 +871,70 @@ mod tests {
 
     fn body_json(rewrite: &ResponseRewrite) -> Value {
         serde_json::from_slice(rewrite.body.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn responses_buffered_for_rewriting() {
+        let buffered = |method: &str, path: &str| rewrites(&op(method, path));
+        for (method, path) in [
+            ("GET", "/v1/agents"),
+            ("GET", "/v1/agents/agent_1/versions"),
+            ("POST", "/v1/sessions"),
+            ("GET", "/v1/sessions/sesn_1/threads"),
+            ("GET", "/v1/sessions/sesn_1/threads/sthr_1"),
+            ("POST", "/v1/sessions/sesn_1/threads/sthr_1/archive"),
+            ("GET", "/v1/sessions/sesn_1/resources"),
+            ("POST", "/v1/sessions/sesn_1/resources"),
+            ("GET", "/v1/environments/env_1/work"),
+            ("GET", "/v1/vaults/vlt_1/credentials"),
+        ] {
+            assert!(buffered(method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            ("GET", "/v1/sessions/sesn_1/events"),
+            ("POST", "/v1/sessions/sesn_1/events"),
+            ("GET", "/v1/sessions/sesn_1/events/stream"),
+            ("GET", "/v1/sessions/sesn_1/stream"),
+            ("GET", "/v1/sessions/sesn_1/threads/sthr_1/events"),
+            ("GET", "/v1/sessions/sesn_1/threads/sthr_1/stream"),
+        ] {
+            assert!(!buffered(method, path), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn query_filters_naming_owned_ids_are_references() {
+        let got = query_references(
+            "/v1/sessions?limit=1&agent_id=agent_a1&page=agent_cursor1&environment_id=env_e1",
+        );
+        assert_eq!(
+            got,
+            ids(&[(IdKind::Agent, "agent_a1"), (IdKind::Environment, "env_e1")])
+        );
+        // Percent-encoded keys and values, brackets, lists, duplicates.
+        assert_eq!(
+            query_references(
+                "/v1/x?agent%5Fid=%61gent_a2&vault_ids[]=vlt_1,vlt_2&vault_ids[]=vlt_1&id=sesn_s"
+            ),
+            ids(&[
+                (IdKind::Agent, "agent_a2"),
+                (IdKind::Vault, "vlt_1"),
+                (IdKind::Vault, "vlt_2"),
+                (IdKind::Session, "sesn_s")
+            ])
+        );
+        // Not filters, not owned, malformed: nothing.
+        for path in [
+            "/v1/sessions",
+            "/v1/sessions?",
+            "/v1/sessions?title=agent_a1&page=sesn_1",
+            "/v1/sessions?file_id=file_1&agent_id=agent_",
+            "/v1/sessions?agent_id=agent_a%2",
+            "/v1/sessions?agent_id=agent_a%FF",
+            "/v1/sessions?agent_id=agent_a%2Fb",
+        ] {
+            assert_eq!(query_references(path), vec![], "{path}");
+        }
     }
 
     #[test]

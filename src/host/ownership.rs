@@ -276,17 +276,10 @@ impl GatewayStream {
         }
     }
 
-    /// Whether a 2xx response of `op` is JSON the gateway rewrites (tag stripped, list filtered).
+    /// Whether a 2xx response of `op` is JSON the gateway buffers and rewrites (see
+    /// [`tenancy::rewrites`]).
     pub(super) fn rewrites(op: &Operation) -> bool {
-        matches!(
-            op.family,
-            Family::Agents
-                | Family::AgentVersions
-                | Family::Sessions
-                | Family::Environments
-                | Family::Vaults
-                | Family::VaultCredentials
-        ) && op.action != RouteAction::Stream
+        tenancy::rewrites(op)
     }
 
     /// The whole buffered JSON response of an owned resource: tag stripped, list filtered.

@@ -169,19 +169,21 @@ impl GatewayStream {
         reply.extend(extra.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         self.status = error.status();
         self.gate = Gate::Refused;
+        let rules = self.plan.as_ref().map(|p| p.audit).unwrap_or_default();
+        let ids = self
+            .admitted
+            .as_ref()
+            .map_or(&[][..], |a| a.operation.ids.as_slice());
+        let reason = audit::reason_field(&rules, error, ids);
         self.audit(vec![
             ("decision", "refused".to_string()),
-            ("reason", format!("{}: {}", error.reason, error.message)),
+            ("reason", reason.clone()),
         ]);
         self.metrics
             .borrow_mut()
             .add(&metrics::REFUSALS, &[error.kind.wire_name()], 1);
-        log::info!(
-            "#{} refused {}: {}",
-            self.context_id,
-            error.status(),
-            error.message
-        );
+        // With `redact_ids` the log line carries no raw id either.
+        log::info!("#{} refused {}: {reason}", self.context_id, error.status());
         if let Err(status) = hostcalls::send_http_response(error.status(), reply, Some(&body)) {
             log::error!(
                 "#{} cannot send the {} reply: {status:?}",
@@ -431,21 +433,31 @@ impl HttpContext for GatewayStream {
         let admitted = match gateway::admit(&plan, &head, &SharedKeys, jwt, now_ms() / 1000) {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                self.audit(audit::decision_fields(
+                let mut fields = audit::decision_fields(
                     &plan.audit,
                     refusal.principal.as_ref(),
                     refusal.operation.as_ref(),
                     Some(&refusal.error),
+                );
+                fields.push((
+                    audit::PATH_FIELD,
+                    audit::path_field(&plan.audit, head.path, refusal.operation.as_ref()),
                 ));
+                self.audit(fields);
                 return self.refuse(&refusal.error);
             }
         };
-        self.audit(audit::decision_fields(
+        let mut fields = audit::decision_fields(
             &plan.audit,
             Some(&admitted.principal),
             Some(&admitted.operation),
             None,
+        );
+        fields.push((
+            audit::PATH_FIELD,
+            audit::path_field(&plan.audit, head.path, Some(&admitted.operation)),
         ));
+        self.audit(fields);
         if let Err(status) = Self::apply(&admitted.edits) {
             log::error!(
                 "#{} cannot rewrite request headers: {status:?}",
@@ -528,7 +540,10 @@ impl HttpContext for GatewayStream {
             self.body_pending = true;
         }
         let action = if plan.isolation.enabled {
-            self.check_owners(op.ids, false)
+            // Filters in the query (`?agent_id=…`) are references like path ids.
+            let mut ids = op.ids;
+            ids.extend(tenancy::query_references(head.path));
+            self.check_owners(ids, false)
         } else {
             Action::Continue
         };

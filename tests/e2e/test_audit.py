@@ -133,3 +133,65 @@ def test_no_secret_reaches_any_log(audited):
     logs = path.read_text() + gw.envoy.log()
     for secret in [ALICE, BOB, CAROL, KEYS["alice"], gw.emulator.api_key, VAULT_TOKEN, SECRET_TEXT]:
         assert secret not in logs, secret
+
+
+@pytest.fixture(scope="module")
+def redacted(emulator, tmp_path_factory):
+    audit_path = tmp_path_factory.mktemp("audit-redacted") / "audit.log"
+    overrides = dict(TENANTS, audit={"redact_ids": True})
+    config = stack.render_envoy_config(
+        upstream=emulator.upstream, listen_port=0, admin_port=0,
+        gateway_keys={}, plugin_overrides=overrides, audit_path=audit_path)
+    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
+    yield Gateway(envoy, emulator), audit_path
+    envoy.stop()
+
+
+def access_log_lines(envoy) -> list[dict]:
+    """The stdout access log's JSON lines out of Envoy's output."""
+    out = []
+    for line in envoy.log().splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"path"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def test_redact_ids_leaves_no_raw_id_in_reasons_or_the_access_log(redacted):
+    gw, path = redacted
+    agent = gw.ok("POST", "/v1/agents", key=ALICE, body={"name": "r", "model": "claude-sonnet-4-6"})["id"]
+    env = gw.ok("POST", "/v1/environments", key=ALICE, body={"name": "r", "config": CLOUD})["id"]
+    session = gw.ok("POST", "/v1/sessions", key=ALICE, body={"agent": agent, "environment_id": env})["id"]
+    bob_env = gw.ok("POST", "/v1/environments", key=BOB, body={"name": "b", "config": CLOUD})["id"]
+    calls = 4
+    for method, p, body in [
+        ("GET", f"/v1/sessions/{session}", None),                                    # path id
+        ("POST", "/v1/sessions", {"agent": agent, "environment_id": bob_env}),        # body reference
+        ("GET", f"/v1/sessions?agent_id={agent}", None),                             # list filter
+        ("GET", f"/v1/sessions/{session}/threads?limit=1", None),                    # query + nested path
+    ]:
+        assert gw.call(method, p, key=BOB, body=body).status in (200, 404), (method, p)
+        calls += 1
+    assert gw.call("GET", f"/v1/sessions/{session}/events?limit=5", key=ALICE).status == 200
+    calls += 1
+    got = records(path, calls)
+    assert len(got) == calls
+    refused = [r for r in got if r.get("decision") == "refused"]
+    for r in refused:
+        assert r["reason"].startswith("ownership: "), r
+        assert "sha256:" in r["reason"], r
+    raw = [agent, env, session, bob_env]
+    assert not [r for r in got if any(i in json.dumps(r) for i in raw)], got
+    assert len(refused) == 4, refused
+    # Envoy's own stdout access log prints the path, redacted too (and still joinable).
+    lines = []
+    end = time.monotonic() + 10
+    while len(lines) < calls and time.monotonic() < end:
+        lines = access_log_lines(gw.envoy)
+        time.sleep(0.05)
+    assert len(lines) >= calls, lines
+    assert not [line for line in lines if any(i in line["path"] for i in raw)], [l["path"] for l in lines]
+    reads = [line["path"] for line in lines if line["path"].startswith("/v1/sessions/sha256:")]
+    assert reads and all(p.split("/")[3].startswith("sha256:") for p in reads), reads
+    ids_of_read = [r["ids"] for r in got if r.get("operation") == "sessions.read"][0]
+    assert ids_of_read == "session=" + reads[0].split("/")[3]

@@ -202,3 +202,44 @@ def test_ownership_survives_a_restart(world, emulator):
         fresh.envoy.stop()
         gw.envoy = start(emulator).envoy  # keep the module fixture usable after this test
         gw.port, gw.url = gw.envoy.listen_port, gw.envoy.url
+
+
+def test_a_list_filter_naming_a_foreign_id_answers_as_for_an_unknown_id(world):
+    """`GET /v1/sessions?agent_id=<bob's agent>` by alice must not tell her the agent exists
+    (before: a page with a cursor when bob had more sessions than `limit`, an empty page
+    without one for an unknown id)."""
+    gw, _, b = world
+    for _ in range(2):
+        gw.ok("POST", "/v1/sessions", key=BOB, body={"agent": b["agent"], "environment_id": b["environment"]})
+    missing = "agent_doesnotexist0000000001"
+
+    def shape(agent_id: str, query: str):
+        reply = gw.call("GET", query.format(agent_id), key=ALICE)
+        body = reply.json()
+        body.pop("request_id", None)
+        return reply.status, json_shape(body, agent_id)
+
+    for query in ["/v1/sessions?agent_id={}&limit=1",
+                  "/v1/sessions?limit=1&agent_id={}",
+                  # Percent-encoded spellings name the same id upstream.
+                  "/v1/sessions?agent%5Fid={}&limit=1"]:
+        foreign = shape(b["agent"], query)
+        unknown = shape(missing, query)
+        assert foreign == unknown, (query, foreign, unknown)
+        assert foreign[0] == 404, foreign
+    encoded = b["agent"].replace("agent_", "agent%5F")
+    assert gw.call("GET", f"/v1/sessions?agent_id={encoded}&limit=1", key=ALICE).status == 404
+    # Bob's own filter still works.
+    assert len(gw.ok("GET", f"/v1/sessions?agent_id={b['agent']}&limit=5", key=BOB)["data"]) == 2
+
+
+def json_shape(value, agent_id: str):
+    """The value with the id replaced by a placeholder and cursors reduced to present/absent."""
+    if isinstance(value, dict):
+        return {k: ("cursor" if k in ("next_page", "prev_page") and v else json_shape(v, agent_id))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_shape(v, agent_id) for v in value]
+    if isinstance(value, str):
+        return value.replace(agent_id, "<id>")
+    return value

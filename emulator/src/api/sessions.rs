@@ -40,6 +40,7 @@ const SNAPSHOT_FIELDS: &[&str] = &[
     "skills",
     "execution_identity",
     "multiagent",
+    "metadata",
     "version",
 ];
 
