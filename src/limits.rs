@@ -820,6 +820,32 @@ pub fn charge(
     first_error.map_or(Ok(()), Err)
 }
 
+/// Takes money back off the tenant's current minute, day and month counters (never below
+/// zero): a session whose Anthropic list cost came in below the estimate already charged.
+pub fn refund(
+    store: &dyn Store,
+    tenant: &str,
+    microdollars: u64,
+    now_secs: u64,
+) -> Result<(), StoreError> {
+    if microdollars == 0 {
+        return Ok(());
+    }
+    let mut first_error = None;
+    for window in Window::ALL {
+        let (start, _) = window_bounds(window, now_secs);
+        let result = update(store, &usage_key(tenant, window), CAS_ATTEMPTS, |value| {
+            let (s, t, m) = current_usage(value.and_then(decode_usage), start);
+            let m = m.saturating_sub(microdollars);
+            Some((format!("{s} {t} {m}").into_bytes(), ()))
+        });
+        if let Err(error) = result {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 /// `(tokens, microdollars)` the tenant used in the current `window`.
 pub fn usage(store: &dyn Store, tenant: &str, window: Window, now_secs: u64) -> (u64, u64) {
     let (start, _) = window_bounds(window, now_secs);

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::accounting::{self, Charge, Limits};
 use crate::metrics::{self, Metric};
-use crate::pricing::{PriceTable, Priced};
+use crate::pricing::{PriceTable, Terms};
 use crate::routes::{Action, Family, IdKind, Operation};
 use crate::sse::{Scanner, ScannerConfig, SseEvent};
 use crate::store::{self, Store};
@@ -43,8 +43,12 @@ pub struct RequestUsage {
     pub output_tokens: u64,
     pub cache_read_input_tokens: u64,
     pub cache_creation_input_tokens: u64,
-    /// `None` when some usage was unpriced (unknown model).
+    /// The price table's estimate of what this request metered; `None` when some usage was
+    /// unpriced (unknown model).
     pub cost_microdollars: Option<u64>,
+    /// The signed µ$ by which Anthropic's list cost corrected sessions' charged cost during
+    /// this request (0 when none did).
+    pub list_cost_correction_microdollars: i64,
     pub usage_events: u64,
     pub duplicates: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,6 +66,11 @@ impl RequestUsage {
 pub struct Spend {
     pub tokens: u64,
     pub microdollars: u64,
+    /// Money to give back: list costs below the estimates already charged. [`take_refund`]
+    /// nets it against `microdollars` first.
+    ///
+    /// [`take_refund`]: ResponseMeter::take_refund
+    pub refund_microdollars: u64,
 }
 
 /// Everything metering needs from outside the request.
@@ -165,9 +174,21 @@ impl ResponseMeter {
         ResponseMeter::new(&op, status, tenant, ScannerConfig { max_event_bytes: 0 })
     }
 
-    /// What was charged since the last call: tokens and µ$, for the tenant's budgets.
+    /// What was charged since the last call: tokens and µ$, for the tenant's budgets. Call
+    /// [`Self::take_refund`] first, or a pending refund is dropped with the rest.
     pub fn take_spend(&mut self) -> Spend {
         std::mem::take(&mut self.unreported)
+    }
+
+    /// Nets pending downward corrections against pending charges and returns the µ$ to give
+    /// back to the tenant's budgets (0 when the charges cover them); what is left of the
+    /// charges stays for [`Self::take_spend`].
+    pub fn take_refund(&mut self) -> u64 {
+        let spend = &mut self.unreported;
+        let netted = spend.refund_microdollars.min(spend.microdollars);
+        spend.microdollars -= netted;
+        spend.refund_microdollars -= netted;
+        std::mem::take(&mut spend.refund_microdollars)
     }
 
     pub fn is_stream(&self) -> bool {
@@ -291,14 +312,35 @@ impl ResponseMeter {
         if let Observation::Snapshot(snapshot) = &observation {
             self.list_cost(&session_id, snapshot.list_cost_cents, ctx, out);
         }
-        match accounting::record_with(
+        let terms = match &observation {
+            Observation::Span { tokens, speed, .. } => Terms {
+                fast: speed.as_deref() == Some("fast"),
+                prompt_tokens: Some(
+                    tokens
+                        .input
+                        .saturating_add(tokens.cache_read)
+                        .saturating_add(tokens.cache_creation),
+                ),
+                geo_us: false,
+            },
+            Observation::Snapshot(_) => Terms::default(),
+        };
+        let pricer = |charge: &Charge| {
+            let terms = Terms {
+                geo_us: charge.geo_us,
+                ..terms
+            };
+            ctx.prices.estimate(charge.model.as_deref(), charge, &terms)
+        };
+        match accounting::record_priced(
             ctx.store,
             ctx.limits,
             &session_id,
             &observation,
+            &pricer,
             ctx.now_secs,
         ) {
-            Ok(charge) => self.charge(&charge, ctx, out),
+            Ok(charge) => self.charge(&charge, out),
             Err(err) => log::warn!("usage of {session_id} not recorded: {err}"),
         }
     }
@@ -330,8 +372,21 @@ impl ResponseMeter {
                     if let Some(snapshot) = &facts.snapshot {
                         self.list_cost(&facts.session_id, snapshot.list_cost_cents, ctx, out);
                     }
-                    match accounting::observe_session(ctx.store, ctx.limits, &facts, ctx.now_secs) {
-                        Ok(charge) => self.charge(&charge, ctx, out),
+                    let pricer = |charge: &Charge| {
+                        let terms = Terms {
+                            geo_us: charge.geo_us,
+                            ..Terms::default()
+                        };
+                        ctx.prices.estimate(charge.model.as_deref(), charge, &terms)
+                    };
+                    match accounting::observe_session_priced(
+                        ctx.store,
+                        ctx.limits,
+                        &facts,
+                        &pricer,
+                        ctx.now_secs,
+                    ) {
+                        Ok(charge) => self.charge(&charge, out),
                         Err(err) => log::warn!("session {} not recorded: {err}", facts.session_id),
                     }
                 }
@@ -365,16 +420,21 @@ impl ResponseMeter {
     }
 
     /// Emits a charge's tokens and cost, and adds them to this request's usage.
-    fn charge(&mut self, charge: &Charge, ctx: &MeterContext<'_>, out: &mut Vec<Emission>) {
+    fn charge(&mut self, charge: &Charge, out: &mut Vec<Emission>) {
         if charge.duplicate {
             self.usage.duplicates += 1;
             out.push(add(&metrics::DUPLICATES, &[], 1));
         }
-        if charge.is_zero() {
+        if charge.is_nothing() {
             return;
         }
+        self.correct(charge, out);
         let model = charge.model.as_deref().unwrap_or("unknown");
         let tenant = self.tenant.as_str();
+        if charge.is_zero() {
+            out.retain(|e| !matches!(e, Emission::Add(_, _, 0)));
+            return;
+        }
         let cache_write = charge.cache_write_5m + charge.cache_write_1h;
         for (kind, tokens) in [
             ("input", charge.input),
@@ -399,18 +459,17 @@ impl ResponseMeter {
             &[tenant, model],
             charge.web_search_requests,
         ));
-        match ctx.prices.price_charge(charge.model.as_deref(), charge) {
-            Priced::Micros(micros) => {
-                out.push(add(&metrics::COST, &[tenant, model], micros));
-                self.unreported.microdollars += micros;
-                if let Some(total) = &mut self.usage.cost_microdollars {
-                    *total += micros;
-                }
-            }
-            Priced::Unpriced => {
-                let tokens = charge.input + charge.output + charge.cache_read + cache_write;
-                out.push(add(&metrics::UNPRICED_TOKENS, &[tenant, model], tokens));
-                self.usage.cost_microdollars = None;
+        if charge.unpriced {
+            let tokens = charge.input + charge.output + charge.cache_read + cache_write;
+            out.push(add(&metrics::UNPRICED_TOKENS, &[tenant, model], tokens));
+            self.usage.cost_microdollars = None;
+        } else {
+            let micros = charge.estimate_micros;
+            out.push(add(&metrics::COST, &[tenant, model], micros));
+            out.push(add(&metrics::CHARGED_COST, &[tenant, model], micros));
+            self.unreported.microdollars += micros;
+            if let Some(total) = &mut self.usage.cost_microdollars {
+                *total += micros;
             }
         }
         self.priced = true;
@@ -421,6 +480,44 @@ impl ResponseMeter {
         self.usage.cache_read_input_tokens += charge.cache_read;
         self.usage.cache_creation_input_tokens += cache_write;
         out.retain(|e| !matches!(e, Emission::Add(_, _, 0)));
+    }
+
+    /// Emits a list-cost correction of the session's charged cost and queues it for budgets.
+    fn correct(&mut self, charge: &Charge, out: &mut Vec<Emission>) {
+        if charge.list_cost_micros.is_none() {
+            return;
+        }
+        let model = charge.model.as_deref().unwrap_or("unknown");
+        let tenant = self.tenant.as_str();
+        let delta = charge.correction_micros;
+        let (kind, magnitude) = if delta < 0 {
+            ("down", delta.unsigned_abs())
+        } else {
+            ("up", delta.unsigned_abs())
+        };
+        out.push(add(
+            &metrics::LIST_COST_CORRECTIONS,
+            &[tenant, model, kind],
+            1,
+        ));
+        out.push(add(
+            &metrics::COST_CORRECTION,
+            &[tenant, model, kind],
+            magnitude,
+        ));
+        out.push(Emission::Add(
+            &metrics::CHARGED_COST,
+            vec![tenant.to_string(), model.to_string()],
+            delta,
+        ));
+        if delta < 0 {
+            self.unreported.refund_microdollars += magnitude;
+        } else {
+            self.unreported.microdollars += magnitude;
+        }
+        self.usage.list_cost_correction_microdollars += delta;
+        self.priced = true;
+        self.usage.model = charge.model.clone();
     }
 
     /// Anthropic's own cumulative `list_cost`: emits the increase since the last one seen for

@@ -17,8 +17,8 @@
 //! is an error naming the field, because a silently-zero count would under-bill and a guessed
 //! one could over-bill. The only number accepted as a float is `active_seconds` (seen as a
 //! float in practice): it is floored to whole seconds, so runtime is never over-counted.
-//! `list_cost` is informational (nothing is charged from it), so a malformed one is logged and
-//! dropped rather than failing the whole snapshot.
+//! `list_cost` corrects the session's charged cost (see `accounting`); a malformed one is
+//! logged and dropped rather than failing the whole snapshot (the next one corrects anyway).
 
 use std::fmt;
 
@@ -101,6 +101,8 @@ pub struct SessionFacts {
     /// this is the only place pricing learns it.
     pub model: Option<String>,
     pub status: Option<String>,
+    /// `agent.model.inference_geo` (`us`, `global`), when the body says.
+    pub inference_geo: Option<String>,
     /// The cumulative `usage`, when the body carries one.
     pub snapshot: Option<Snapshot>,
     /// The body carried a `usage` that could not be read. The other facts are still good (the
@@ -188,10 +190,16 @@ fn span(event: &Map<String, Value>, kind: SpanKind) -> Result<Observation, Usage
         cache_creation: required_count(usage, path, "cache_creation_input_tokens")?,
         cache_read: required_count(usage, path, "cache_read_input_tokens")?,
     };
-    let speed = match event.get("speed") {
+    // The tier the request actually ran at is `model_usage.speed`; older shapes put it on
+    // the event.
+    let (speed_path, speed) = match (usage.get("speed"), event.get("speed")) {
+        (Some(speed), _) if !speed.is_null() => (join(path, "speed"), Some(speed)),
+        (_, speed) => ("speed".to_string(), speed),
+    };
+    let speed = match speed {
         None | Some(Value::Null) => None,
         Some(Value::String(speed)) => Some(speed.clone()),
-        Some(other) => return Err(invalid("speed", "a string", other)),
+        Some(other) => return Err(invalid(&speed_path, "a string", other)),
     };
     let is_error = match event.get("is_error") {
         None | Some(Value::Null) => false,
@@ -278,6 +286,10 @@ pub fn from_session_body(body: &[u8]) -> Result<SessionFacts, UsageError> {
             facts.model = match agent.get("model") {
                 Some(Value::String(model)) => Some(model.clone()),
                 Some(Value::Object(model)) => {
+                    facts.inference_geo = model
+                        .get("inference_geo")
+                        .and_then(Value::as_str)
+                        .map(String::from);
                     model.get("id").and_then(Value::as_str).map(String::from)
                 }
                 _ => None,
@@ -358,7 +370,7 @@ fn snapshot(
 }
 
 /// `{"amount":"<integer cents>","currency":"USD"}` → cents. Anything else is logged and
-/// dropped: the figure is informational only.
+/// dropped: the next snapshot carries the cumulative figure again.
 fn list_cost_cents(value: Option<&Value>, path: &str) -> Option<u64> {
     let cost = value.filter(|v| !v.is_null())?;
     let amount = cost.get("amount").and_then(Value::as_str);
@@ -747,6 +759,7 @@ mod tests {
                 agent_id: Some("agent_1".into()),
                 model: Some("claude-opus-4-6".into()),
                 status: Some("idle".into()),
+                inference_geo: None,
                 // usage has no active_seconds: stats.active_seconds (floored) is used.
                 snapshot: Some(Snapshot {
                     active_seconds: Some(99),

@@ -94,6 +94,10 @@ pub fn on_response(
         scanner: plan.metering.scanner,
     };
     metrics.apply(meter.on_body(&body, true, &ctx));
+    let refund = meter.take_refund();
+    if let Err(err) = limits::refund(&SharedData, tenant, refund, now_secs) {
+        log::warn!("budget of {tenant} not refunded: {err}");
+    }
     let spend = meter.take_spend();
     if let Err(err) = limits::charge_session(
         &SharedData,

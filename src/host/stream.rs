@@ -369,6 +369,18 @@ impl GatewayStream {
             }
         }
         self.metrics.borrow_mut().apply(emissions);
+        // A list cost below the estimates charged gives money back; charges go through
+        // `charge_budgets` (which takes what is left after netting).
+        let refund = meter.take_refund();
+        if let (Some(admitted), true) = (&self.admitted, refund > 0) {
+            let tenant = admitted.principal.tenant.as_str();
+            if let Err(err) = limits::refund(&SharedData, tenant, refund, now_ms() / 1000) {
+                log::warn!(
+                    "#{} budget of {tenant} not refunded: {err}",
+                    self.context_id
+                );
+            }
+        }
     }
 }
 
