@@ -44,12 +44,15 @@
 //! pricer (`pricing::PriceTable::estimate` with the span's speed, band, the session's geo):
 //! the record keeps the session's charged cost exactly (whole µ$ plus a sub-µ$ remainder), and
 //! the charge carries the whole µ$ it added ([`Charge::estimate_micros`]). When a snapshot
-//! carries Anthropic's cumulative `list_cost` and it is higher than any the session has seen,
-//! the charged cost is set to exactly that figure and the charge carries the signed
-//! difference ([`Charge::correction_micros`]): up when the table was low or the model
-//! unpriced, down when it was high. A list cost already applied (a second stream, a history
-//! page, the reconciler's read) or an older one corrects nothing, so each figure corrects
-//! the session exactly once; estimates of later spans add on top until the next figure.
+//! carries Anthropic's cumulative `list_cost` and covers everything charged (no counted span
+//! is newer than it: every charged total is at most the snapshot's), the charged cost is set
+//! to exactly that figure and the charge carries the signed difference
+//! ([`Charge::correction_micros`]): up when the table was low or the model unpriced, down
+//! when it was high. The same snapshot seen again (a second stream, a history page, the
+//! reconciler's read) finds the cost already equal and corrects nothing, so each figure
+//! corrects the session exactly once; an older snapshot (it does not cover spans counted
+//! since, or its list cost is below one applied) corrects nothing either, and estimates of
+//! later spans add on top until the next figure.
 //!
 //! # Bounded state, and why forgetting is never allowed
 //! Forgetting a span id would double count that span when a reconnecting client re-reads the
@@ -343,7 +346,7 @@ pub fn summary(store: &dyn Store, session_id: &str) -> Result<Option<SessionSumm
         compacted: record.compacted,
         model: record.model.clone(),
         last_change_secs: record.last_change,
-        charged_micros: record.cost.whole,
+        charged_micros: record.charged_micros(),
         list_cost_micros: record.list_cost,
     }))
 }
@@ -432,7 +435,10 @@ fn apply(
             }
             Input::Observation(Observation::Snapshot(snapshot)) => {
                 let (charge, changed) = record.add_snapshot(snapshot);
-                (charge, changed, snapshot.list_cost_cents)
+                let list_cost = snapshot
+                    .list_cost_cents
+                    .filter(|_| record.charged == Charged::of(snapshot));
+                (charge, changed, list_cost)
             }
             Input::Facts(facts) => {
                 let model_changed = match &facts.model {
@@ -451,14 +457,18 @@ fn apply(
                     Some(snapshot) => record.add_snapshot(snapshot),
                     None => (record.no_charge(), false),
                 };
-                let list_cost = facts.snapshot.as_ref().and_then(|s| s.list_cost_cents);
+                let list_cost = facts
+                    .snapshot
+                    .as_ref()
+                    .filter(|s| record.charged == Charged::of(s))
+                    .and_then(|s| s.list_cost_cents);
                 (charge, changed || model_changed || geo_changed, list_cost)
             }
         };
         charge.geo_us = record.geo_us;
         let priced = record.price(&mut charge, pricer);
         let corrected = record.correct(&mut charge, list_cost);
-        charge.charged_micros = record.cost.whole;
+        charge.charged_micros = record.charged_micros();
         let changed = changed || priced || corrected;
         if !(changed || expired) {
             unchanged = charge;
@@ -738,10 +748,13 @@ struct Record {
     last_change: u64,
     model: Option<String>,
     geo_us: bool,
-    /// The session's charged cost, exactly.
+    /// The pricer's estimate of everything charged, exactly (never reset).
     cost: Cost,
     /// The highest list cost (µ$) applied.
     list_cost: Option<u64>,
+    /// `cost.whole` when that list cost was applied: the charged cost is the list cost plus
+    /// the estimates since.
+    cost_at_list: u64,
 }
 
 /// An exact amount of money: whole µ$ plus `remainder` / `UNITS_PER_MICRO` µ$.
@@ -785,6 +798,13 @@ struct StoredRecord {
     /// Highest list cost applied, µ$.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     l: Option<u64>,
+    /// Estimate (whole µ$) when `l` was applied.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    a: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_zero_pair(pair: &[u64; 2]) -> bool {
@@ -835,6 +855,10 @@ impl StoredRecord {
                 None => None,
                 Some(l) => Some(l.as_u64().ok_or_else(|| wrong("l"))?),
             },
+            a: match field("a") {
+                None => 0,
+                Some(a) => a.as_u64().ok_or_else(|| wrong("a"))?,
+            },
         })
     }
 }
@@ -851,6 +875,7 @@ impl Record {
             geo_us: false,
             cost: Cost::default(),
             list_cost: None,
+            cost_at_list: 0,
         }
     }
 
@@ -885,6 +910,7 @@ impl Record {
                 remainder: stored.k[1],
             },
             list_cost: stored.l,
+            cost_at_list: stored.a,
         })
     }
 
@@ -903,6 +929,7 @@ impl Record {
             g: self.geo_us,
             k: [self.cost.whole, self.cost.remainder],
             l: self.list_cost,
+            a: self.cost_at_list,
         };
         serde_json::to_vec(&stored)
             .map_err(|e| StoreError::Other(format!("encoding usage record: {e}")))
@@ -913,7 +940,7 @@ impl Record {
             before: self.charged.tally(),
             model: self.model.clone(),
             geo_us: self.geo_us,
-            charged_micros: self.cost.whole,
+            charged_micros: self.charged_micros(),
             ..Charge::default()
         }
     }
@@ -937,26 +964,35 @@ impl Record {
         }
     }
 
-    /// Sets the charged cost to a list cost (cents) higher than any applied so far. Returns
-    /// whether the record changed.
+    /// Sets the charged cost to the list cost (cents) of a snapshot that covers everything
+    /// charged (the caller checks), unless it is below one already applied (list costs only
+    /// grow: a lower one is stale). Returns whether the record changed.
     fn correct(&mut self, charge: &mut Charge, list_cost_cents: Option<u64>) -> bool {
         let Some(cents) = list_cost_cents else {
             return false;
         };
         let micros = cents.saturating_mul(MICROS_PER_CENT);
-        if self.list_cost.is_some_and(|seen| micros <= seen) {
+        if self.list_cost.is_some_and(|seen| micros < seen)
+            || (self.list_cost == Some(micros) && self.charged_micros() == micros)
+        {
             return false;
         }
-        let delta = i128::from(micros) - i128::from(self.cost.whole);
+        let delta = i128::from(micros) - i128::from(self.charged_micros());
         charge.correction_micros =
             i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
         charge.list_cost_micros = Some(micros);
-        self.cost = Cost {
-            whole: micros,
-            remainder: 0,
-        };
         self.list_cost = Some(micros);
+        self.cost_at_list = self.cost.whole;
         true
+    }
+
+    /// µ$ charged for the session: the last list cost plus the estimates since, or the
+    /// estimates alone before any list cost.
+    fn charged_micros(&self) -> u64 {
+        match self.list_cost {
+            Some(list) => list.saturating_add(self.cost.whole.saturating_sub(self.cost_at_list)),
+            None => self.cost.whole,
+        }
     }
 
     /// Drops what only span counting needs. Returns whether anything changed.
@@ -1009,7 +1045,18 @@ impl Record {
     }
 
     fn add_snapshot(&mut self, snapshot: &Snapshot) -> (Charge, bool) {
-        let target = Charged {
+        let target = Charged::of(snapshot);
+        let before = self.charged;
+        self.charged.raise_to(&target);
+        let changed = self.charged != before;
+        (difference(&before, &self.charged, &self.model), changed)
+    }
+}
+
+impl Charged {
+    /// What a snapshot says was used.
+    fn of(snapshot: &Snapshot) -> Charged {
+        Charged {
             input: snapshot.input,
             output: snapshot.output,
             cache_read: snapshot.cache_read,
@@ -1019,11 +1066,7 @@ impl Record {
             cache_write_1h: snapshot.cache_write_1h,
             active_seconds: snapshot.active_seconds.unwrap_or(0),
             web_search_requests: snapshot.web_search_requests,
-        };
-        let before = self.charged;
-        self.charged.raise_to(&target);
-        let changed = self.charged != before;
-        (difference(&before, &self.charged, &self.model), changed)
+        }
     }
 }
 
@@ -1611,13 +1654,12 @@ mod tests {
             assert!(c.is_nothing(), "{c:?}");
             assert_eq!(c.charged_micros, 40_000);
         }
-        // A later span adds its estimate on top; a stale figure does not undo it.
+        // A later span adds its estimate on top; a stale figure (older than the span, or
+        // lower than one applied) does not undo it.
         let c = rec(&store, &span("b", 50_000, 0, 0, 0));
         assert_eq!((c.estimate_micros, c.charged_micros), (50_000, 90_000));
-        assert!(rec(&store, &snap_cost(80_000, 4)).correction_micros == 0);
-        assert!(rec(&store, &snap_cost(80_000, 3))
-            .list_cost_micros
-            .is_none());
+        assert!(rec(&store, &snap_cost(30_000, 4)).is_nothing());
+        assert!(rec(&store, &snap_cost(80_000, 3)).is_nothing());
         // A higher figure below the estimate corrects down, exactly to it.
         let c = rec(&store, &snap_cost(80_000, 7));
         assert_eq!((c.correction_micros, c.charged_micros), (-20_000, 70_000));
@@ -1638,6 +1680,13 @@ mod tests {
         };
         let c = observe_session_priced(&store, &Limits::default(), &facts, &flat, 2).unwrap();
         assert!(c.is_nothing(), "{c:?}");
+        // A newer snapshot with the same (rounded) figure covering more usage: the usage was
+        // in the figure, so the estimate of it is taken back.
+        let c = rec(&store, &span("c", 5_000, 0, 0, 0));
+        assert_eq!(c.charged_micros, 75_000);
+        let c = rec(&store, &snap_cost(85_000, 7));
+        assert_eq!((c.correction_micros, c.charged_micros), (-5_000, 70_000));
+        assert!(rec(&store, &snap_cost(85_000, 7)).is_nothing());
     }
 
     #[test]
@@ -1656,7 +1705,19 @@ mod tests {
             (c.estimate_micros, c.charged_micros, c.input),
             (0, 0, 1_000)
         );
-        let c = rec(&store, &snap_cost(1_000, 123));
+        // Not covering the span's output yet: no correction from it.
+        assert!(rec(&store, &snap_cost(1_000, 100))
+            .list_cost_micros
+            .is_none());
+        let c = rec(
+            &store,
+            &Observation::Snapshot(Snapshot {
+                input: 1_000,
+                output: 10,
+                list_cost_cents: Some(123),
+                ..Snapshot::default()
+            }),
+        );
         assert_eq!(
             (c.correction_micros, c.charged_micros),
             (1_230_000, 1_230_000)
@@ -1698,6 +1759,7 @@ mod tests {
                 remainder: 14,
             },
             list_cost: Some(15),
+            cost_at_list: 16,
         };
         assert_eq!(Record::decode(&record.encode().unwrap()).unwrap(), record);
         let tombstone = Record {
@@ -1707,6 +1769,7 @@ mod tests {
             geo_us: false,
             cost: Cost::default(),
             list_cost: None,
+            cost_at_list: 0,
             ..record
         };
         let bytes = tombstone.encode().unwrap();

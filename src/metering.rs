@@ -484,7 +484,7 @@ impl ResponseMeter {
 
     /// Emits a list-cost correction of the session's charged cost and queues it for budgets.
     fn correct(&mut self, charge: &Charge, out: &mut Vec<Emission>) {
-        if charge.list_cost_micros.is_none() {
+        if charge.list_cost_micros.is_none() || charge.correction_micros == 0 {
             return;
         }
         let model = charge.model.as_deref().unwrap_or("unknown");

@@ -836,8 +836,12 @@ mod tests {
         assert!(model_usage("hi", 0, 0).to_json().get("speed").is_none());
         let mut truth = UsageTruth {
             model: "claude-opus-5-5".into(),
+            list_cost_delta_cents: 7,
             ..UsageTruth::default()
         };
+        // Before any model request the delta does not apply.
+        assert_eq!(truth.list_cost_cents(), 0);
+        truth.list_cost_delta_cents = 0;
         // 1,000,000 input tokens of Opus 5.5 = $4 = 400 cents; runtime 2 s ≈ 0.004 cents.
         let million = ModelUsage {
             input_tokens: 1_000_000,

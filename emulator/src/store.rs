@@ -180,13 +180,19 @@ impl UsageTruth {
     }
 
     /// Anthropic's list cost so far, in cents: the exact cost of the tokens (at each span's
-    /// model, speed and band) plus runtime, rounded half up, plus the test's delta (never
-    /// below zero).
+    /// model, speed and band) plus runtime, rounded half up, plus the test's delta once a
+    /// model request ran (never below zero).
     pub fn list_cost_cents(&self) -> u64 {
         let runtime = u128::from(self.active_seconds) * RUNTIME_MICROS_PER_HOUR * 1_000_000 / 3_600;
         let pico = self.list_pico + runtime;
         let cents = i128::try_from((pico + 5_000_000_000) / 10_000_000_000).unwrap_or(i128::MAX);
-        u64::try_from((cents + i128::from(self.list_cost_delta_cents)).max(0)).unwrap_or(0)
+        // Nothing ran yet: nothing to differ on.
+        let delta = if self.model_requests == 0 {
+            0
+        } else {
+            i128::from(self.list_cost_delta_cents)
+        };
+        u64::try_from((cents + delta).max(0)).unwrap_or(0)
     }
 
     /// The cumulative snapshot as it appears in `session.usage` and on the session.
