@@ -24,8 +24,11 @@
 //! (`claude-opus-4-6*` matches `claude-opus-4-6` and `claude-opus-4-6-20260101`; `*` alone
 //! matches everything). An exact rule wins over any prefix; among prefixes the longest wins.
 //! The defaults name each priced generation explicitly (`claude-opus-4-5*` … `claude-opus-4-8*`,
-//! never `claude-opus-4-*`): Opus 4.0/4.1 cost three times more, and an unknown future model
-//! must show up as [`Priced::Unpriced`], never as a guessed or $0 price.
+//! `claude-opus-5-5*`, exact `claude-opus-5`; never `claude-opus-4-*` or `claude-opus-5*`):
+//! Opus 4.0/4.1 cost three times more, Opus 5.5 less than Opus 5, and an unknown future model
+//! must show up as [`Priced::Unpriced`] (then corrected to Anthropic's `list_cost`), never as
+//! a guessed or $0 price. The table's date is [`PriceTable::source_date`]; the rates the
+//! reference could not verify are marked on their constants below.
 //!
 //! # Estimates and Anthropic's list cost
 //! What this table prices is an **estimate**: spans carry no model name, thread models are

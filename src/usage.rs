@@ -311,6 +311,33 @@ pub fn from_session_body(body: &[u8]) -> Result<SessionFacts, UsageError> {
     Ok(facts)
 }
 
+/// The model of each thread object in a thread body: one thread
+/// (`GET /v1/sessions/{id}/threads/{thread_id}`) or a page of them (`{"data": [...]}`). A
+/// thread's `agent` is a saved-agent snapshot (`model` an id or `{id, …}`), an advisor
+/// (`{type: "advisor", model}`) or an inline agent (`{type: "inline", model}`); threads
+/// without a readable model are left out. Malformed bodies give nothing.
+pub fn thread_models(body: &[u8]) -> Vec<(String, String)> {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    let threads: Vec<&Value> = match value.get("data").and_then(Value::as_array) {
+        Some(page) => page.iter().collect(),
+        None => vec![&value],
+    };
+    threads
+        .into_iter()
+        .filter_map(|thread| {
+            let id = thread.get("id")?.as_str().filter(|id| !id.is_empty())?;
+            let model = match thread.get("agent")?.get("model")? {
+                Value::String(model) => model.as_str(),
+                Value::Object(model) => model.get("id")?.as_str()?,
+                _ => return None,
+            };
+            (!model.is_empty()).then(|| (id.to_string(), model.to_string()))
+        })
+        .collect()
+}
+
 /// Reads a cumulative usage object found at `path`; `stats` is the enclosing object's
 /// `stats`, consulted for `active_seconds` when the usage itself has none.
 fn snapshot(
@@ -719,6 +746,30 @@ mod tests {
             );
         }
         assert_eq!(err("session.usage", "{}").path, "usage");
+    }
+
+    #[test]
+    fn thread_models_of_one_thread_or_a_page() {
+        let one = br#"{"id":"sthr_1","type":"session_thread","agent":{"type":"advisor","model":"claude-opus-5-5"}}"#;
+        assert_eq!(
+            thread_models(one),
+            vec![("sthr_1".to_string(), "claude-opus-5-5".to_string())]
+        );
+        let page = br#"{"data":[
+            {"id":"sthr_1","agent":{"type":"agent","id":"agent_1","model":{"id":"claude-sonnet-5-5","speed":"standard"}}},
+            {"id":"sthr_2","agent":{"type":"inline","model":{"id":"claude-haiku-5-5"}}},
+            {"id":"sthr_3","agent":{"type":"inline"}},
+            {"id":"","agent":{"model":"x"}},
+            7
+        ],"next_page":null}"#;
+        assert_eq!(
+            thread_models(page),
+            vec![
+                ("sthr_1".to_string(), "claude-sonnet-5-5".to_string()),
+                ("sthr_2".to_string(), "claude-haiku-5-5".to_string()),
+            ]
+        );
+        assert!(thread_models(b"not json").is_empty());
     }
 
     #[test]

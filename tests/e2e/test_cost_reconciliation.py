@@ -263,3 +263,24 @@ def test_fast_mode_and_long_haiku_prompts_are_estimated_at_their_multiple(stream
     # Anthropic's figure (rounded to the cent) is the last word, once.
     assert got["charged"] == list_micros
     assert abs(got["estimate"] - list_micros) <= 5_000
+
+
+def test_a_turn_on_a_thread_of_another_model_converges_to_its_list_cost(reconciling):
+    """Spans carry no model: a turn an advisor or subagent runs on a cheaper model is
+    estimated at the session's model, and Anthropic's list cost brings it down, once."""
+    gw = reconciling
+    model = "claude-opus-5-5"
+    before = money(prometheus(gw), "default", model)
+    sid = new_session(gw, ALICE, model)
+    run_turn(gw, ALICE, sid, "emulator:prompt=1000000 emulator:thread-model=claude-haiku-5-5 advise")
+    truth = gw.emulator.usage(sid)
+    assert [s["model"] for s in truth["spans"]] == ["claude-haiku-5-5"]
+    list_micros = truth["list_cost_cents"] * 10_000
+    got = diff(money(eventually(gw, lambda s: money(s, "default", model)["charged"]
+                                - before["charged"] == list_micros), "default", model), before)
+    # Estimated at Opus 5.5 ($4/MTok: ~$4.00), billed at Haiku 5.5 over 100K ($0.50/MTok: $0.50).
+    assert got["estimate"] == estimate(truth, model)
+    # 1,000,000 input × $0.50 + 50 cache writes × $0.625 + 26 output × $2.50 + 2 s runtime: 50 cents.
+    assert list_micros == 500_000
+    assert got == {"estimate": got["estimate"], "up": 0, "down": got["estimate"] - list_micros,
+                   "corrections": 1, "charged": list_micros, "unpriced": 0}
