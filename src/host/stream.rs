@@ -374,7 +374,9 @@ impl GatewayStream {
         let refund = meter.take_refund();
         if let (Some(admitted), true) = (&self.admitted, refund > 0) {
             let tenant = admitted.principal.tenant.as_str();
-            if let Err(err) = limits::refund(&SharedData, tenant, refund, now_ms() / 1000) {
+            let session = meter.usage.session_id.as_deref();
+            if let Err(err) = limits::refund_session(&SharedData, tenant, session, refund, now_ms())
+            {
                 log::warn!(
                     "#{} budget of {tenant} not refunded: {err}",
                     self.context_id

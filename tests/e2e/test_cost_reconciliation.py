@@ -100,13 +100,15 @@ class Stream:
         self.conn.close()
 
 
-def new_session(gw: Gateway, key: str, model: str, delta_cents: int = 0) -> str:
+def new_session(gw: Gateway, key: str, model: str, delta_cents: int = 0, budget_cents: int | None = None) -> str:
     agent = gw.ok("POST", "/v1/agents", key=key, body={"name": "recon", "model": model})
     env = gw.ok("POST", "/v1/environments", key=key, body={
         "name": "recon", "config": {"type": "cloud", "networking": {"type": "unrestricted"}}})
-    return gw.ok("POST", "/v1/sessions", key=key, body={
-        "agent": agent["id"], "environment_id": env["id"],
-        "metadata": {"emulator_list_cost_delta_cents": str(delta_cents)}})["id"]
+    body = {"agent": agent["id"], "environment_id": env["id"],
+            "metadata": {"emulator_list_cost_delta_cents": str(delta_cents)}}
+    if budget_cents is not None:
+        body["budget"] = {"type": "limit", "max_list_cost": {"amount": str(budget_cents), "currency": "USD"}}
+    return gw.ok("POST", "/v1/sessions", key=key, body=body)["id"]
 
 
 def send(gw: Gateway, key: str, sid: str, text: str):
@@ -186,12 +188,13 @@ def stored_budget_cents(gw: Gateway, sid: str) -> int:
 def test_list_cost_above_and_below_the_estimate_converges_exactly_once_and_budgets_follow(reconciling):
     gw = reconciling
     model = "claude-opus-5-5"
-    lists = []
+    lists, sessions = [], []
     # 2,000,000 input tokens on Opus 5.5 are $8: the table estimate; Anthropic then says
     # $3.37 more, then $3 less.
     for delta, direction in [(337, "up"), (-300, "down")]:
         before = money(prometheus(gw), "money", model)
-        sid = new_session(gw, MONEY, model, delta_cents=delta)
+        sid = new_session(gw, MONEY, model, delta_cents=delta, budget_cents=2_000)
+        sessions.append(sid)
         reads = reconciler_reads(gw, sid)
         run_turn(gw, MONEY, sid, "emulator:prompt=2000000 price me", paths=("events/stream", "stream"))
         gw.ok("GET", f"/v1/sessions/{sid}/events?limit=1000", key=MONEY)
@@ -215,8 +218,11 @@ def test_list_cost_above_and_below_the_estimate_converges_exactly_once_and_budge
         lists.append(truth["list_cost_cents"])
     assert lists[0] > 800 > lists[1]
 
-    # The tenant's budget was charged the list costs, not the estimates: a new session's
-    # spend ceiling is what is left of $100 after them, to the cent.
+    # The tenant's budget was charged the list costs, not the estimates: once their sessions
+    # are archived (their reservations released), a new session's spend ceiling is what is
+    # left of $100 after them, to the cent.
+    for sid in sessions:
+        gw.ok("POST", f"/v1/sessions/{sid}/archive", key=MONEY)
     sid = new_session(gw, MONEY, model)
     assert stored_budget_cents(gw, sid) == BUDGET_MICROS // 10_000 - sum(lists)
 
