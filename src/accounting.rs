@@ -39,6 +39,21 @@
 //! so that the money charged is exact and never more than the truth as long as the 1-hour
 //! price is at least the 5-minute price (true of every list price).
 //!
+//! # Money: estimates, then Anthropic's list cost
+//! Each charge is priced as it is recorded, inside the same compare-and-swap, by the caller's
+//! pricer (`pricing::PriceTable::estimate` with the span's speed, band, the session's geo):
+//! the record keeps the session's charged cost exactly (whole µ$ plus a sub-µ$ remainder), and
+//! the charge carries the whole µ$ it added ([`Charge::estimate_micros`]). When a snapshot
+//! carries Anthropic's cumulative `list_cost` and covers everything charged (no counted span
+//! is newer than it: every charged total is at most the snapshot's), the charged cost is set
+//! to exactly that figure and the charge carries the signed difference
+//! ([`Charge::correction_micros`]): up when the table was low or the model unpriced, down
+//! when it was high. The same snapshot seen again (a second stream, a history page, the
+//! reconciler's read) finds the cost already equal and corrects nothing, so each figure
+//! corrects the session exactly once; an older snapshot (it does not cover spans counted
+//! since, or its list cost is below one applied) corrects nothing either, and estimates of
+//! later spans add on top until the next figure.
+//!
 //! # Bounded state, and why forgetting is never allowed
 //! Forgetting a span id would double count that span when a reconnecting client re-reads the
 //! history — and `GET …/events` lists the whole session, so a *recent*-ids window cannot be
@@ -86,6 +101,8 @@ pub const INDEX_KEY: &str = "ma_gateway.usage.index";
 /// Version written into every record; a record of another version is an error, never
 /// silently re-started (that would double count).
 const RECORD_VERSION: u32 = 1;
+/// µ$ in one cent (list costs are in minor units of USD).
+const MICROS_PER_CENT: u64 = 10_000;
 /// Longest session id accepted into a key.
 const MAX_SESSION_ID_BYTES: usize = 128;
 
@@ -162,12 +179,30 @@ pub struct Charge {
     pub before: Tally,
     /// The session's model, when known (from [`observe_session`]).
     pub model: Option<String>,
+    /// The session runs with `inference_geo: "us"` (from [`observe_session`]).
+    pub geo_us: bool,
+    /// Whole µ$ the pricer's estimate of this charge added to the session's charged cost.
+    pub estimate_micros: u64,
+    /// The pricer could not price this charge (unknown model): its tokens cost nothing until
+    /// a list cost corrects the session.
+    pub unpriced: bool,
+    /// µ$ by which Anthropic's list cost corrected the session's charged cost (signed).
+    pub correction_micros: i64,
+    /// The list cost (µ$) this charge set the session's charged cost to, if it did.
+    pub list_cost_micros: Option<u64>,
+    /// The session's charged cost (µ$) after this charge.
+    pub charged_micros: u64,
 }
 
 impl Charge {
-    /// Whether nothing at all was added.
+    /// Whether no usage was added (a list-cost correction may still have happened).
     pub fn is_zero(&self) -> bool {
         self.after() == self.before
+    }
+
+    /// Whether neither usage nor money changed.
+    pub fn is_nothing(&self) -> bool {
+        self.is_zero() && self.correction_micros == 0 && self.list_cost_micros.is_none()
     }
 
     /// The session's charged totals after this charge.
@@ -204,6 +239,10 @@ pub struct SessionSummary {
     pub model: Option<String>,
     /// Time of the last change, in the caller's seconds.
     pub last_change_secs: u64,
+    /// Whole µ$ charged for the session (estimates and list-cost corrections).
+    pub charged_micros: u64,
+    /// The highest list cost (µ$) applied to the session.
+    pub list_cost_micros: Option<u64>,
 }
 
 /// The store key of a session's record.
@@ -221,7 +260,7 @@ pub fn record(
     record_with(store, &Limits::default(), session_id, observation, now_secs)
 }
 
-/// Records one observation for a session and returns what it added.
+/// Records one observation for a session and returns what it added, without pricing it.
 pub fn record_with(
     store: &dyn Store,
     limits: &Limits,
@@ -229,11 +268,35 @@ pub fn record_with(
     observation: &Observation,
     now_secs: u64,
 ) -> Result<Charge, StoreError> {
+    record_priced(store, limits, session_id, observation, &no_price, now_secs)
+}
+
+/// Prices a charge exactly, in 1/`pricing::EXACT_UNITS_PER_MICRO` µ$; `None` when it cannot
+/// (unknown model). Called inside the compare-and-swap, so it must be pure.
+pub type Pricer<'a> = &'a dyn Fn(&Charge) -> Option<u128>;
+
+/// Exact units per µ$ (same as `pricing::EXACT_UNITS_PER_MICRO`).
+const UNITS_PER_MICRO: u128 = 3_600 * 1_000_000 * 10;
+
+fn no_price(_: &Charge) -> Option<u128> {
+    Some(0)
+}
+
+/// Records one observation and prices what it added with `pricer` (see the module doc).
+pub fn record_priced(
+    store: &dyn Store,
+    limits: &Limits,
+    session_id: &str,
+    observation: &Observation,
+    pricer: Pricer<'_>,
+    now_secs: u64,
+) -> Result<Charge, StoreError> {
     apply(
         store,
         limits,
         session_id,
         Input::Observation(observation),
+        pricer,
         now_secs,
     )
 }
@@ -247,11 +310,23 @@ pub fn observe_session(
     facts: &SessionFacts,
     now_secs: u64,
 ) -> Result<Charge, StoreError> {
+    observe_session_priced(store, limits, facts, &no_price, now_secs)
+}
+
+/// [`observe_session`], pricing what the snapshot adds with `pricer`.
+pub fn observe_session_priced(
+    store: &dyn Store,
+    limits: &Limits,
+    facts: &SessionFacts,
+    pricer: Pricer<'_>,
+    now_secs: u64,
+) -> Result<Charge, StoreError> {
     apply(
         store,
         limits,
         &facts.session_id,
         Input::Facts(facts),
+        pricer,
         now_secs,
     )
 }
@@ -271,6 +346,8 @@ pub fn summary(store: &dyn Store, session_id: &str) -> Result<Option<SessionSumm
         compacted: record.compacted,
         model: record.model.clone(),
         last_change_secs: record.last_change,
+        charged_micros: record.charged_micros(),
+        list_cost_micros: record.list_cost,
     }))
 }
 
@@ -323,6 +400,7 @@ fn apply(
     limits: &Limits,
     session_id: &str,
     input: Input<'_>,
+    pricer: Pricer<'_>,
     now_secs: u64,
 ) -> Result<Charge, StoreError> {
     if !valid_session_id(session_id) {
@@ -348,11 +426,20 @@ fn apply(
             },
         };
         let expired = record.expire_if_idle(limits, now_secs);
-        let (charge, changed) = match input {
+        let (mut charge, changed, list_cost) = match input {
             Input::Observation(Observation::Span {
                 event_id, tokens, ..
-            }) => record.add_span(limits, event_id, tokens),
-            Input::Observation(Observation::Snapshot(snapshot)) => record.add_snapshot(snapshot),
+            }) => {
+                let (charge, changed) = record.add_span(limits, event_id, tokens);
+                (charge, changed, None)
+            }
+            Input::Observation(Observation::Snapshot(snapshot)) => {
+                let (charge, changed) = record.add_snapshot(snapshot);
+                let list_cost = snapshot
+                    .list_cost_cents
+                    .filter(|_| record.charged == Charged::of(snapshot));
+                (charge, changed, list_cost)
+            }
             Input::Facts(facts) => {
                 let model_changed = match &facts.model {
                     Some(model) if record.model.as_ref() != Some(model) => {
@@ -361,13 +448,28 @@ fn apply(
                     }
                     _ => false,
                 };
+                let geo_us = facts.inference_geo.as_deref() == Some("us");
+                let geo_changed = facts.inference_geo.is_some() && geo_us != record.geo_us;
+                if geo_changed {
+                    record.geo_us = geo_us;
+                }
                 let (charge, changed) = match &facts.snapshot {
                     Some(snapshot) => record.add_snapshot(snapshot),
                     None => (record.no_charge(), false),
                 };
-                (charge, changed || model_changed)
+                let list_cost = facts
+                    .snapshot
+                    .as_ref()
+                    .filter(|s| record.charged == Charged::of(s))
+                    .and_then(|s| s.list_cost_cents);
+                (charge, changed || model_changed || geo_changed, list_cost)
             }
         };
+        charge.geo_us = record.geo_us;
+        let priced = record.price(&mut charge, pricer);
+        let corrected = record.correct(&mut charge, list_cost);
+        charge.charged_micros = record.charged_micros();
+        let changed = changed || priced || corrected;
         if !(changed || expired) {
             unchanged = charge;
             return None;
@@ -628,10 +730,9 @@ fn difference(before: &Charged, after: &Charged, model: &Option<String>) -> Char
         cache_write_5m_to_1h: reclassified,
         active_seconds: a.active_seconds.saturating_sub(b.active_seconds),
         web_search_requests: a.web_search_requests.saturating_sub(b.web_search_requests),
-        duplicate: false,
-        deferred: false,
         before: b,
         model: model.clone(),
+        ..Charge::default()
     }
 }
 
@@ -646,6 +747,33 @@ struct Record {
     compacted: bool,
     last_change: u64,
     model: Option<String>,
+    geo_us: bool,
+    /// The pricer's estimate of everything charged, exactly (never reset).
+    cost: Cost,
+    /// The highest list cost (µ$) applied.
+    list_cost: Option<u64>,
+    /// `cost.whole` when that list cost was applied: the charged cost is the list cost plus
+    /// the estimates since.
+    cost_at_list: u64,
+}
+
+/// An exact amount of money: whole µ$ plus `remainder` / `UNITS_PER_MICRO` µ$.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Cost {
+    whole: u64,
+    remainder: u64,
+}
+
+impl Cost {
+    /// Adds `units` (1/`UNITS_PER_MICRO` µ$); returns the whole µ$ added.
+    fn add(&mut self, units: u128) -> u64 {
+        let total = u128::from(self.remainder).saturating_add(units);
+        let whole = u64::try_from(total / UNITS_PER_MICRO).unwrap_or(u64::MAX);
+        let before = self.whole;
+        self.whole = self.whole.saturating_add(whole);
+        self.remainder = u64::try_from(total % UNITS_PER_MICRO).unwrap_or(0);
+        self.whole - before
+    }
 }
 
 /// The stored form: short field names, ids as base64 of little-endian hashes.
@@ -661,6 +789,26 @@ struct StoredRecord {
     t: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     m: Option<String>,
+    /// `inference_geo: "us"`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    g: bool,
+    /// Charged cost: whole µ$, remainder units.
+    #[serde(default, skip_serializing_if = "is_zero_pair")]
+    k: [u64; 2],
+    /// Highest list cost applied, µ$.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    l: Option<u64>,
+    /// Estimate (whole µ$) when `l` was applied.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    a: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_pair(pair: &[u64; 2]) -> bool {
+    *pair == [0, 0]
 }
 
 impl StoredRecord {
@@ -695,6 +843,22 @@ impl StoredRecord {
                 None => None,
                 Some(m) => Some(m.as_str().ok_or_else(|| wrong("m"))?.to_string()),
             },
+            g: match field("g") {
+                None => false,
+                Some(g) => g.as_bool().ok_or_else(|| wrong("g"))?,
+            },
+            k: match field("k") {
+                None => [0; 2],
+                Some(k) => u64_array(k).ok_or_else(|| wrong("k"))?,
+            },
+            l: match field("l") {
+                None => None,
+                Some(l) => Some(l.as_u64().ok_or_else(|| wrong("l"))?),
+            },
+            a: match field("a") {
+                None => 0,
+                Some(a) => a.as_u64().ok_or_else(|| wrong("a"))?,
+            },
         })
     }
 }
@@ -708,6 +872,10 @@ impl Record {
             compacted: false,
             last_change: now_secs,
             model: None,
+            geo_us: false,
+            cost: Cost::default(),
+            list_cost: None,
+            cost_at_list: 0,
         }
     }
 
@@ -736,6 +904,13 @@ impl Record {
             compacted: stored.x,
             last_change: stored.t,
             model: stored.m,
+            geo_us: stored.g,
+            cost: Cost {
+                whole: stored.k[0],
+                remainder: stored.k[1],
+            },
+            list_cost: stored.l,
+            cost_at_list: stored.a,
         })
     }
 
@@ -751,6 +926,10 @@ impl Record {
             x: self.compacted,
             t: self.last_change,
             m: self.model.clone(),
+            g: self.geo_us,
+            k: [self.cost.whole, self.cost.remainder],
+            l: self.list_cost,
+            a: self.cost_at_list,
         };
         serde_json::to_vec(&stored)
             .map_err(|e| StoreError::Other(format!("encoding usage record: {e}")))
@@ -760,7 +939,59 @@ impl Record {
         Charge {
             before: self.charged.tally(),
             model: self.model.clone(),
+            geo_us: self.geo_us,
+            charged_micros: self.charged_micros(),
             ..Charge::default()
+        }
+    }
+
+    /// Adds the pricer's estimate of `charge` to the charged cost. Returns whether the record
+    /// changed.
+    fn price(&mut self, charge: &mut Charge, pricer: Pricer<'_>) -> bool {
+        if charge.is_zero() {
+            return false;
+        }
+        match pricer(charge) {
+            Some(units) => {
+                let before = self.cost;
+                charge.estimate_micros = self.cost.add(units);
+                self.cost != before
+            }
+            None => {
+                charge.unpriced = true;
+                false
+            }
+        }
+    }
+
+    /// Sets the charged cost to the list cost (cents) of a snapshot that covers everything
+    /// charged (the caller checks), unless it is below one already applied (list costs only
+    /// grow: a lower one is stale). Returns whether the record changed.
+    fn correct(&mut self, charge: &mut Charge, list_cost_cents: Option<u64>) -> bool {
+        let Some(cents) = list_cost_cents else {
+            return false;
+        };
+        let micros = cents.saturating_mul(MICROS_PER_CENT);
+        if self.list_cost.is_some_and(|seen| micros < seen)
+            || (self.list_cost == Some(micros) && self.charged_micros() == micros)
+        {
+            return false;
+        }
+        let delta = i128::from(micros) - i128::from(self.charged_micros());
+        charge.correction_micros =
+            i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX });
+        charge.list_cost_micros = Some(micros);
+        self.list_cost = Some(micros);
+        self.cost_at_list = self.cost.whole;
+        true
+    }
+
+    /// µ$ charged for the session: the last list cost plus the estimates since, or the
+    /// estimates alone before any list cost.
+    fn charged_micros(&self) -> u64 {
+        match self.list_cost {
+            Some(list) => list.saturating_add(self.cost.whole.saturating_sub(self.cost_at_list)),
+            None => self.cost.whole,
         }
     }
 
@@ -814,7 +1045,18 @@ impl Record {
     }
 
     fn add_snapshot(&mut self, snapshot: &Snapshot) -> (Charge, bool) {
-        let target = Charged {
+        let target = Charged::of(snapshot);
+        let before = self.charged;
+        self.charged.raise_to(&target);
+        let changed = self.charged != before;
+        (difference(&before, &self.charged, &self.model), changed)
+    }
+}
+
+impl Charged {
+    /// What a snapshot says was used.
+    fn of(snapshot: &Snapshot) -> Charged {
+        Charged {
             input: snapshot.input,
             output: snapshot.output,
             cache_read: snapshot.cache_read,
@@ -824,11 +1066,7 @@ impl Record {
             cache_write_1h: snapshot.cache_write_1h,
             active_seconds: snapshot.active_seconds.unwrap_or(0),
             web_search_requests: snapshot.web_search_requests,
-        };
-        let before = self.charged;
-        self.charged.raise_to(&target);
-        let changed = self.charged != before;
-        (difference(&before, &self.charged, &self.model), changed)
+        }
     }
 }
 
@@ -1373,6 +1611,139 @@ mod tests {
         );
     }
 
+    /// Prices every token at 1 µ$ (spans of `fast` at 2 µ$), unknown model → unpriced.
+    fn flat(charge: &Charge) -> Option<u128> {
+        let tokens = charge.input + charge.output + charge.cache_read + charge.cache_write_5m;
+        match charge.model.as_deref() {
+            Some("unknown-model") => None,
+            _ => Some(u128::from(tokens) * UNITS_PER_MICRO),
+        }
+    }
+
+    fn snap_cost(input: u64, cents: u64) -> Observation {
+        Observation::Snapshot(Snapshot {
+            input,
+            list_cost_cents: Some(cents),
+            ..Snapshot::default()
+        })
+    }
+
+    fn rec(store: &MemoryStore, o: &Observation) -> Charge {
+        record_priced(store, &Limits::default(), SID, o, &flat, 1).unwrap()
+    }
+
+    #[test]
+    fn list_cost_corrects_the_estimate_exactly_once_up_and_down() {
+        let store = MemoryStore::new();
+        let c = rec(&store, &span("a", 30_000, 0, 0, 0));
+        assert_eq!((c.estimate_micros, c.charged_micros), (30_000, 30_000));
+        // list_cost 4 cents = 40,000 µ$: up by 10,000, the snapshot's tokens add no estimate.
+        let c = rec(&store, &snap_cost(30_000, 4));
+        assert_eq!(
+            (
+                c.estimate_micros,
+                c.correction_micros,
+                c.list_cost_micros,
+                c.charged_micros
+            ),
+            (0, 10_000, Some(40_000), 40_000)
+        );
+        // The same figure again (second stream, history page, reconciler): nothing.
+        for _ in 0..3 {
+            let c = rec(&store, &snap_cost(30_000, 4));
+            assert!(c.is_nothing(), "{c:?}");
+            assert_eq!(c.charged_micros, 40_000);
+        }
+        // A later span adds its estimate on top; a stale figure (older than the span, or
+        // lower than one applied) does not undo it.
+        let c = rec(&store, &span("b", 50_000, 0, 0, 0));
+        assert_eq!((c.estimate_micros, c.charged_micros), (50_000, 90_000));
+        assert!(rec(&store, &snap_cost(30_000, 4)).is_nothing());
+        assert!(rec(&store, &snap_cost(80_000, 3)).is_nothing());
+        // A higher figure below the estimate corrects down, exactly to it.
+        let c = rec(&store, &snap_cost(80_000, 7));
+        assert_eq!((c.correction_micros, c.charged_micros), (-20_000, 70_000));
+        let summary = summary(&store, SID).unwrap().unwrap();
+        assert_eq!(
+            (summary.charged_micros, summary.list_cost_micros),
+            (70_000, Some(70_000))
+        );
+        // Session facts carry the same figure: nothing more.
+        let facts = SessionFacts {
+            session_id: SID.into(),
+            snapshot: Some(Snapshot {
+                input: 80_000,
+                list_cost_cents: Some(7),
+                ..Snapshot::default()
+            }),
+            ..SessionFacts::default()
+        };
+        let c = observe_session_priced(&store, &Limits::default(), &facts, &flat, 2).unwrap();
+        assert!(c.is_nothing(), "{c:?}");
+        // A newer snapshot with the same (rounded) figure covering more usage: the usage was
+        // in the figure, so the estimate of it is taken back.
+        let c = rec(&store, &span("c", 5_000, 0, 0, 0));
+        assert_eq!(c.charged_micros, 75_000);
+        let c = rec(&store, &snap_cost(85_000, 7));
+        assert_eq!((c.correction_micros, c.charged_micros), (-5_000, 70_000));
+        assert!(rec(&store, &snap_cost(85_000, 7)).is_nothing());
+    }
+
+    #[test]
+    fn unpriced_sessions_converge_to_the_list_cost() {
+        let store = MemoryStore::new();
+        let facts = SessionFacts {
+            session_id: SID.into(),
+            model: Some("unknown-model".into()),
+            inference_geo: Some("us".into()),
+            ..SessionFacts::default()
+        };
+        observe_session_priced(&store, &Limits::default(), &facts, &flat, 1).unwrap();
+        let c = rec(&store, &span("a", 1_000, 10, 0, 0));
+        assert!(c.unpriced && c.geo_us);
+        assert_eq!(
+            (c.estimate_micros, c.charged_micros, c.input),
+            (0, 0, 1_000)
+        );
+        // Not covering the span's output yet: no correction from it.
+        assert!(rec(&store, &snap_cost(1_000, 100))
+            .list_cost_micros
+            .is_none());
+        let c = rec(
+            &store,
+            &Observation::Snapshot(Snapshot {
+                input: 1_000,
+                output: 10,
+                list_cost_cents: Some(123),
+                ..Snapshot::default()
+            }),
+        );
+        assert_eq!(
+            (c.correction_micros, c.charged_micros),
+            (1_230_000, 1_230_000)
+        );
+    }
+
+    #[test]
+    fn sub_micro_estimates_are_kept_exactly() {
+        let store = MemoryStore::new();
+        let third = |_: &Charge| Some(UNITS_PER_MICRO / 3);
+        let mut sum = 0;
+        for i in 0..300 {
+            let c = record_priced(
+                &store,
+                &Limits::default(),
+                SID,
+                &span(&format!("s{i}"), 1, 0, 0, 0),
+                &third,
+                1,
+            )
+            .unwrap();
+            sum += c.estimate_micros;
+        }
+        assert_eq!(sum, 100);
+    }
+
     #[test]
     fn record_round_trips() {
         let record = Record {
@@ -1382,12 +1753,23 @@ mod tests {
             compacted: false,
             last_change: 12,
             model: Some("claude-opus-4-6".into()),
+            geo_us: true,
+            cost: Cost {
+                whole: 13,
+                remainder: 14,
+            },
+            list_cost: Some(15),
+            cost_at_list: 16,
         };
         assert_eq!(Record::decode(&record.encode().unwrap()).unwrap(), record);
         let tombstone = Record {
             span_ids: vec![],
             compacted: true,
             model: None,
+            geo_us: false,
+            cost: Cost::default(),
+            list_cost: None,
+            cost_at_list: 0,
             ..record
         };
         let bytes = tombstone.encode().unwrap();

@@ -820,6 +820,32 @@ pub fn charge(
     first_error.map_or(Ok(()), Err)
 }
 
+/// Takes money back off the tenant's current minute, day and month counters (never below
+/// zero): a session whose Anthropic list cost came in below the estimate already charged.
+pub fn refund(
+    store: &dyn Store,
+    tenant: &str,
+    microdollars: u64,
+    now_secs: u64,
+) -> Result<(), StoreError> {
+    if microdollars == 0 {
+        return Ok(());
+    }
+    let mut first_error = None;
+    for window in Window::ALL {
+        let (start, _) = window_bounds(window, now_secs);
+        let result = update(store, &usage_key(tenant, window), CAS_ATTEMPTS, |value| {
+            let (s, t, m) = current_usage(value.and_then(decode_usage), start);
+            let m = m.saturating_sub(microdollars);
+            Some((format!("{s} {t} {m}").into_bytes(), ()))
+        });
+        if let Err(error) = result {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 /// `(tokens, microdollars)` the tenant used in the current `window`.
 pub fn usage(store: &dyn Store, tenant: &str, window: Window, now_secs: u64) -> (u64, u64) {
     let (start, _) = window_bounds(window, now_secs);
@@ -1210,6 +1236,33 @@ pub fn charge_session(
         let entry = entries.iter_mut().find(|r| r.holder == session_id)?;
         entry.spent = entry.spent.saturating_add(microdollars);
         entries.retain(|r| r.outstanding() > 0);
+        Some((encode_reservations(&entries), ()))
+    })?;
+    Ok(())
+}
+
+/// [`refund`], then the same money taken off what `session_id`'s reservation (if it has one)
+/// counts as spent: a list cost below the estimate already charged leaves the session that
+/// much more of its grant, as the upstream (which stops it at its list cost) sees it.
+pub fn refund_session(
+    store: &dyn Store,
+    tenant: &str,
+    session_id: Option<&str>,
+    microdollars: u64,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    refund(store, tenant, microdollars, now_ms / 1000)?;
+    let Some(session_id) = session_id.filter(|_| microdollars > 0) else {
+        return Ok(());
+    };
+    let key = reservations_key(tenant);
+    if store.get(&key).is_none() {
+        return Ok(());
+    }
+    update(store, &key, CAS_ATTEMPTS, |value| {
+        let mut entries = live_reservations(value, now_ms);
+        let entry = entries.iter_mut().find(|r| r.holder == session_id)?;
+        entry.spent = entry.spent.saturating_sub(microdollars);
         Some((encode_reservations(&entries), ()))
     })?;
     Ok(())
@@ -2106,6 +2159,29 @@ mod tests {
             Ok(None)
         );
         assert_eq!(store.value(&reservations_key("other")), None);
+    }
+
+    #[test]
+    fn refunds_give_money_back_to_the_tenant_and_the_sessions_grant() {
+        let store = MemoryStore::new();
+        let budgets = money(50_000_000);
+        let now = 1_000_000;
+        let ask = Some(10_000_000);
+        granted(reserve_session_budget(
+            &store, &budgets, "acme", "sesn_1", ask, now, 0,
+        ));
+        charge_session(&store, "acme", Some("sesn_1"), 5, 8_000_000, now).unwrap();
+        assert_eq!(reserved_microdollars(&store, "acme", now), 2_000_000);
+        // The list cost came in $3 below the estimate.
+        refund_session(&store, "acme", Some("sesn_1"), 3_000_000, now).unwrap();
+        assert_eq!(
+            usage(&store, "acme", Window::Day, now / 1000),
+            (5, 5_000_000)
+        );
+        assert_eq!(reserved_microdollars(&store, "acme", now), 5_000_000);
+        // Never below zero.
+        refund(&store, "acme", 9_000_000, now / 1000).unwrap();
+        assert_eq!(usage(&store, "acme", Window::Day, now / 1000), (5, 0));
     }
 
     #[test]

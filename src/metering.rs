@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::accounting::{self, Charge, Limits};
 use crate::metrics::{self, Metric};
-use crate::pricing::{PriceTable, Priced};
+use crate::pricing::{PriceTable, Terms};
 use crate::routes::{Action, Family, IdKind, Operation};
 use crate::sse::{Scanner, ScannerConfig, SseEvent};
 use crate::store::{self, Store};
@@ -43,8 +43,12 @@ pub struct RequestUsage {
     pub output_tokens: u64,
     pub cache_read_input_tokens: u64,
     pub cache_creation_input_tokens: u64,
-    /// `None` when some usage was unpriced (unknown model).
+    /// The price table's estimate of what this request metered; `None` when some usage was
+    /// unpriced (unknown model).
     pub cost_microdollars: Option<u64>,
+    /// The signed µ$ by which Anthropic's list cost corrected sessions' charged cost during
+    /// this request (0 when none did).
+    pub list_cost_correction_microdollars: i64,
     pub usage_events: u64,
     pub duplicates: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,6 +66,11 @@ impl RequestUsage {
 pub struct Spend {
     pub tokens: u64,
     pub microdollars: u64,
+    /// Money to give back: list costs below the estimates already charged. [`take_refund`]
+    /// nets it against `microdollars` first.
+    ///
+    /// [`take_refund`]: ResponseMeter::take_refund
+    pub refund_microdollars: u64,
 }
 
 /// Everything metering needs from outside the request.
@@ -87,13 +96,23 @@ enum Body {
 enum JsonKind {
     Session,
     EventPage,
+    /// A thread object or a page of them: remembers each thread's model.
+    Threads,
     Error,
+}
+
+/// Store key of the model a thread runs on (thread ids are unique across sessions).
+pub fn thread_model_key(thread_id: &str) -> String {
+    format!("ma_gateway.thread_model.{thread_id}")
 }
 
 /// Per-request metering state.
 pub struct ResponseMeter {
     tenant: String,
     session_id: Option<String>,
+    /// The thread whose stream or history this is, and its model once looked up.
+    thread_id: Option<String>,
+    thread_model: Option<Option<String>>,
     body: Body,
     pub usage: RequestUsage,
     priced: bool,
@@ -117,28 +136,30 @@ impl ResponseMeter {
     /// Decides what to read of the response to `op` with `status`, for a caller of `tenant`.
     pub fn new(op: &Operation, status: u32, tenant: &str, scanner: ScannerConfig) -> ResponseMeter {
         let session_id = op.id(IdKind::Session).map(str::to_string);
-        let body =
-            if status >= 400 {
-                json(JsonKind::Error)
-            } else if status != 200 {
-                Body::Ignore
-            } else {
-                match (op.family, op.action) {
-                    (Family::SessionEvents | Family::SessionThreads, Action::Stream) => {
-                        debug_assert!(STREAM_INTEREST.iter().all(|n| usage::is_usage_event(n)
+        let body = if status >= 400 {
+            json(JsonKind::Error)
+        } else if status != 200 {
+            Body::Ignore
+        } else {
+            match (op.family, op.action) {
+                (Family::SessionEvents | Family::SessionThreads, Action::Stream) => {
+                    debug_assert!(STREAM_INTEREST
+                        .iter()
+                        .all(|n| usage::is_usage_event(n)
                             || matches!(*n, "session.error" | "message")));
-                        Body::Stream(Box::new(Scanner::new(&STREAM_INTEREST, scanner)))
-                    }
-                    (Family::Sessions, Action::Create | Action::Read | Action::Update) => {
-                        json(JsonKind::Session)
-                    }
-                    (Family::SessionEvents, Action::List) => json(JsonKind::EventPage),
-                    (Family::SessionThreads, Action::List) if op.id(IdKind::Thread).is_some() => {
-                        json(JsonKind::EventPage)
-                    }
-                    _ => Body::Ignore,
+                    Body::Stream(Box::new(Scanner::new(&STREAM_INTEREST, scanner)))
                 }
-            };
+                (Family::Sessions, Action::Create | Action::Read | Action::Update) => {
+                    json(JsonKind::Session)
+                }
+                (Family::SessionEvents, Action::List) => json(JsonKind::EventPage),
+                (Family::SessionThreads, Action::List) if op.id(IdKind::Thread).is_some() => {
+                    json(JsonKind::EventPage)
+                }
+                (Family::SessionThreads, Action::List | Action::Read) => json(JsonKind::Threads),
+                _ => Body::Ignore,
+            }
+        };
         ResponseMeter {
             tenant: tenant.to_string(),
             usage: RequestUsage {
@@ -147,6 +168,8 @@ impl ResponseMeter {
                 ..RequestUsage::default()
             },
             session_id,
+            thread_id: op.id(IdKind::Thread).map(str::to_string),
+            thread_model: None,
             body,
             priced: false,
             unreported: Spend::default(),
@@ -165,9 +188,21 @@ impl ResponseMeter {
         ResponseMeter::new(&op, status, tenant, ScannerConfig { max_event_bytes: 0 })
     }
 
-    /// What was charged since the last call: tokens and µ$, for the tenant's budgets.
+    /// What was charged since the last call: tokens and µ$, for the tenant's budgets. Call
+    /// [`Self::take_refund`] first, or a pending refund is dropped with the rest.
     pub fn take_spend(&mut self) -> Spend {
         std::mem::take(&mut self.unreported)
+    }
+
+    /// Nets pending downward corrections against pending charges and returns the µ$ to give
+    /// back to the tenant's budgets (0 when the charges cover them); what is left of the
+    /// charges stays for [`Self::take_spend`].
+    pub fn take_refund(&mut self) -> u64 {
+        let spend = &mut self.unreported;
+        let netted = spend.refund_microdollars.min(spend.microdollars);
+        spend.microdollars -= netted;
+        spend.refund_microdollars -= netted;
+        std::mem::take(&mut spend.refund_microdollars)
     }
 
     pub fn is_stream(&self) -> bool {
@@ -291,14 +326,47 @@ impl ResponseMeter {
         if let Observation::Snapshot(snapshot) = &observation {
             self.list_cost(&session_id, snapshot.list_cost_cents, ctx, out);
         }
-        match accounting::record_with(
+        let terms = match &observation {
+            Observation::Span { tokens, speed, .. } => Terms {
+                fast: speed.as_deref() == Some("fast"),
+                prompt_tokens: Some(
+                    tokens
+                        .input
+                        .saturating_add(tokens.cache_read)
+                        .saturating_add(tokens.cache_creation),
+                ),
+                geo_us: false,
+            },
+            Observation::Snapshot(_) => Terms::default(),
+        };
+        // Spans of a thread's stream or history are priced at the thread's model when the
+        // gateway has read the thread (spans carry no model).
+        let thread_model = match &observation {
+            Observation::Span { .. } => self.thread_model(ctx),
+            Observation::Snapshot(_) => None,
+        };
+        let pricer = |charge: &Charge| {
+            let terms = Terms {
+                geo_us: charge.geo_us,
+                ..terms
+            };
+            let model = thread_model.as_deref().or(charge.model.as_deref());
+            ctx.prices.estimate(model, charge, &terms)
+        };
+        match accounting::record_priced(
             ctx.store,
             ctx.limits,
             &session_id,
             &observation,
+            &pricer,
             ctx.now_secs,
         ) {
-            Ok(charge) => self.charge(&charge, ctx, out),
+            Ok(mut charge) => {
+                if let Some(model) = thread_model {
+                    charge.model = Some(model);
+                }
+                self.charge(&charge, out)
+            }
             Err(err) => log::warn!("usage of {session_id} not recorded: {err}"),
         }
     }
@@ -330,8 +398,21 @@ impl ResponseMeter {
                     if let Some(snapshot) = &facts.snapshot {
                         self.list_cost(&facts.session_id, snapshot.list_cost_cents, ctx, out);
                     }
-                    match accounting::observe_session(ctx.store, ctx.limits, &facts, ctx.now_secs) {
-                        Ok(charge) => self.charge(&charge, ctx, out),
+                    let pricer = |charge: &Charge| {
+                        let terms = Terms {
+                            geo_us: charge.geo_us,
+                            ..Terms::default()
+                        };
+                        ctx.prices.estimate(charge.model.as_deref(), charge, &terms)
+                    };
+                    match accounting::observe_session_priced(
+                        ctx.store,
+                        ctx.limits,
+                        &facts,
+                        &pricer,
+                        ctx.now_secs,
+                    ) {
+                        Ok(charge) => self.charge(&charge, out),
                         Err(err) => log::warn!("session {} not recorded: {err}", facts.session_id),
                     }
                 }
@@ -340,6 +421,17 @@ impl ResponseMeter {
                     out.push(add(&metrics::BAD_EVENTS, &["malformed"], 1));
                 }
             },
+            JsonKind::Threads => {
+                for (thread_id, model) in usage::thread_models(body) {
+                    let key = thread_model_key(&thread_id);
+                    let result = store::update(ctx.store, &key, ctx.limits.cas_attempts, |c| {
+                        (c != Some(model.as_bytes())).then(|| (model.as_bytes().to_vec(), ()))
+                    });
+                    if let Err(err) = result {
+                        log::warn!("model of thread {thread_id} not remembered: {err}");
+                    }
+                }
+            }
             JsonKind::EventPage => {
                 let Ok(page) = serde_json::from_slice::<Value>(body) else {
                     out.push(add(&metrics::BAD_EVENTS, &["malformed"], 1));
@@ -365,16 +457,21 @@ impl ResponseMeter {
     }
 
     /// Emits a charge's tokens and cost, and adds them to this request's usage.
-    fn charge(&mut self, charge: &Charge, ctx: &MeterContext<'_>, out: &mut Vec<Emission>) {
+    fn charge(&mut self, charge: &Charge, out: &mut Vec<Emission>) {
         if charge.duplicate {
             self.usage.duplicates += 1;
             out.push(add(&metrics::DUPLICATES, &[], 1));
         }
-        if charge.is_zero() {
+        if charge.is_nothing() {
             return;
         }
+        self.correct(charge, out);
         let model = charge.model.as_deref().unwrap_or("unknown");
         let tenant = self.tenant.as_str();
+        if charge.is_zero() {
+            out.retain(|e| !matches!(e, Emission::Add(_, _, 0)));
+            return;
+        }
         let cache_write = charge.cache_write_5m + charge.cache_write_1h;
         for (kind, tokens) in [
             ("input", charge.input),
@@ -399,18 +496,17 @@ impl ResponseMeter {
             &[tenant, model],
             charge.web_search_requests,
         ));
-        match ctx.prices.price_charge(charge.model.as_deref(), charge) {
-            Priced::Micros(micros) => {
-                out.push(add(&metrics::COST, &[tenant, model], micros));
-                self.unreported.microdollars += micros;
-                if let Some(total) = &mut self.usage.cost_microdollars {
-                    *total += micros;
-                }
-            }
-            Priced::Unpriced => {
-                let tokens = charge.input + charge.output + charge.cache_read + cache_write;
-                out.push(add(&metrics::UNPRICED_TOKENS, &[tenant, model], tokens));
-                self.usage.cost_microdollars = None;
+        if charge.unpriced {
+            let tokens = charge.input + charge.output + charge.cache_read + cache_write;
+            out.push(add(&metrics::UNPRICED_TOKENS, &[tenant, model], tokens));
+            self.usage.cost_microdollars = None;
+        } else {
+            let micros = charge.estimate_micros;
+            out.push(add(&metrics::COST, &[tenant, model], micros));
+            out.push(add(&metrics::CHARGED_COST, &[tenant, model], micros));
+            self.unreported.microdollars += micros;
+            if let Some(total) = &mut self.usage.cost_microdollars {
+                *total += micros;
             }
         }
         self.priced = true;
@@ -421,6 +517,57 @@ impl ResponseMeter {
         self.usage.cache_read_input_tokens += charge.cache_read;
         self.usage.cache_creation_input_tokens += cache_write;
         out.retain(|e| !matches!(e, Emission::Add(_, _, 0)));
+    }
+
+    /// The model of this request's thread, if it has one and the gateway has read it.
+    fn thread_model(&mut self, ctx: &MeterContext<'_>) -> Option<String> {
+        let thread_id = self.thread_id.as_deref()?;
+        self.thread_model
+            .get_or_insert_with(|| {
+                ctx.store
+                    .get(&thread_model_key(thread_id))
+                    .and_then(|(bytes, _)| String::from_utf8(bytes).ok())
+                    .filter(|m| !m.is_empty())
+            })
+            .clone()
+    }
+
+    /// Emits a list-cost correction of the session's charged cost and queues it for budgets.
+    fn correct(&mut self, charge: &Charge, out: &mut Vec<Emission>) {
+        if charge.list_cost_micros.is_none() || charge.correction_micros == 0 {
+            return;
+        }
+        let model = charge.model.as_deref().unwrap_or("unknown");
+        let tenant = self.tenant.as_str();
+        let delta = charge.correction_micros;
+        let (kind, magnitude) = if delta < 0 {
+            ("down", delta.unsigned_abs())
+        } else {
+            ("up", delta.unsigned_abs())
+        };
+        out.push(add(
+            &metrics::LIST_COST_CORRECTIONS,
+            &[tenant, model, kind],
+            1,
+        ));
+        out.push(add(
+            &metrics::COST_CORRECTION,
+            &[tenant, model, kind],
+            magnitude,
+        ));
+        out.push(Emission::Add(
+            &metrics::CHARGED_COST,
+            vec![tenant.to_string(), model.to_string()],
+            delta,
+        ));
+        if delta < 0 {
+            self.unreported.refund_microdollars += magnitude;
+        } else {
+            self.unreported.microdollars += magnitude;
+        }
+        self.usage.list_cost_correction_microdollars += delta;
+        self.priced = true;
+        self.usage.model = charge.model.clone();
     }
 
     /// Anthropic's own cumulative `list_cost`: emits the increase since the last one seen for
@@ -477,4 +624,155 @@ fn session_error_type(data: &[u8]) -> String {
         })
         .unwrap_or_else(|| "unknown".to_string());
     format!("session_{kind}")
+}
+
+#[cfg(test)]
+mod tests {
+    // On wasm32-unknown-unknown these tests run under wasm-bindgen-test (tests/wasm/run.sh).
+    #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const SID: &str = "sesn_1";
+
+    fn op(family: Family, action: Action, thread: Option<&str>) -> Operation {
+        let mut ids = vec![(IdKind::Session, SID.to_string())];
+        if let Some(t) = thread {
+            ids.push((IdKind::Thread, t.to_string()));
+        }
+        Operation {
+            family,
+            action,
+            ids,
+        }
+    }
+
+    fn run(store: &MemoryStore, op: &Operation, body: &str) -> (Vec<Emission>, ResponseMeter) {
+        let prices = PriceTable::defaults();
+        let limits = Limits::default();
+        let ctx = MeterContext {
+            store,
+            prices: &prices,
+            limits: &limits,
+            now_secs: 1,
+            scanner: ScannerConfig {
+                max_event_bytes: 65_536,
+            },
+        };
+        let mut meter = ResponseMeter::new(op, 200, "acme", ctx.scanner);
+        let out = meter.on_body(body.as_bytes(), true, &ctx);
+        (out, meter)
+    }
+
+    fn total(out: &[Emission], metric: &Metric, labels: &[&str]) -> i64 {
+        out.iter()
+            .filter_map(|e| match e {
+                Emission::Add(m, l, v) if m.name == metric.name && l == labels => Some(*v),
+                _ => None,
+            })
+            .sum()
+    }
+
+    fn session(model: &str) -> String {
+        format!(
+            r#"{{"id":"{SID}","agent":{{"type":"agent","id":"agent_1","model":{{"id":"{model}","inference_geo":"global"}}}},"usage":null}}"#
+        )
+    }
+
+    const SPAN: &str = "event: span.model_request_end\ndata: {\"type\":\"span.model_request_end\",\"id\":\"sevt_1\",\"model_usage\":{\"input_tokens\":1000000,\"output_tokens\":0,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"speed\":\"fast\"}}\n\n";
+
+    fn usage_event(cents: u64) -> String {
+        format!("event: session.usage\ndata: {{\"type\":\"session.usage\",\"usage\":{{\"input_tokens\":1000000,\"output_tokens\":0,\"cache_read_input_tokens\":0,\"cache_creation\":{{\"ephemeral_5m_input_tokens\":0,\"ephemeral_1h_input_tokens\":0}},\"list_cost\":{{\"amount\":\"{cents}\",\"currency\":\"USD\"}}}}}}\n\n")
+    }
+
+    #[test]
+    fn a_fast_span_is_estimated_then_corrected_once_to_the_list_cost() {
+        let store = MemoryStore::new();
+        let opus = "claude-opus-5-5";
+        run(
+            &store,
+            &op(Family::Sessions, Action::Read, None),
+            &session(opus),
+        );
+        let stream = op(Family::SessionEvents, Action::Stream, None);
+        // 1M fast input tokens of Opus 5.5: $4 × 2 = 8,000,000 µ$; Anthropic says $7.50.
+        let body = format!("{SPAN}{}", usage_event(750));
+        let (out, mut meter) = run(&store, &stream, &body);
+        let labels = ["acme", opus];
+        assert_eq!(total(&out, &metrics::COST, &labels), 8_000_000);
+        assert_eq!(
+            total(&out, &metrics::COST_CORRECTION, &["acme", opus, "down"]),
+            500_000
+        );
+        assert_eq!(total(&out, &metrics::CHARGED_COST, &labels), 7_500_000);
+        assert_eq!(meter.usage.cost_microdollars, Some(8_000_000));
+        assert_eq!(meter.usage.list_cost_correction_microdollars, -500_000);
+        // Budgets: the net charge, no refund.
+        assert_eq!(meter.take_refund(), 0);
+        assert_eq!(meter.take_spend().microdollars, 7_500_000);
+        // A second stream and a history page of the same session: nothing more.
+        let (out, mut meter) = run(&store, &stream, &body);
+        assert_eq!(total(&out, &metrics::CHARGED_COST, &labels), 0);
+        assert_eq!(total(&out, &metrics::DUPLICATES, &[]), 1);
+        assert_eq!(
+            (meter.take_refund(), meter.take_spend().microdollars),
+            (0, 0)
+        );
+        // An older, lower figure changes nothing; a covering one below what was charged is a
+        // refund for budgets.
+        let lower = usage_event(740);
+        let (out, mut meter) = run(&store, &stream, &lower);
+        assert_eq!(total(&out, &metrics::CHARGED_COST, &labels), 0);
+        assert_eq!(meter.take_refund(), 0);
+        let (_, mut meter) = run(
+            &store,
+            &stream,
+            "event: span.model_request_end\ndata: {\"type\":\"span.model_request_end\",\"id\":\"sevt_2\",\"model_usage\":{\"input_tokens\":100000,\"output_tokens\":0,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0}}\n\n",
+        );
+        assert_eq!(meter.take_spend().microdollars, 400_000);
+        let covering = usage_event(751).replace("1000000", "1100000");
+        let (out, mut meter) = run(&store, &stream, &covering);
+        assert_eq!(total(&out, &metrics::CHARGED_COST, &labels), -390_000);
+        assert_eq!(meter.take_refund(), 390_000);
+        assert_eq!(meter.take_spend().microdollars, 0);
+    }
+
+    #[test]
+    fn thread_spans_are_priced_at_the_thread_model() {
+        let store = MemoryStore::new();
+        run(
+            &store,
+            &op(Family::Sessions, Action::Read, None),
+            &session("claude-opus-5-5"),
+        );
+        run(
+            &store,
+            &op(Family::SessionThreads, Action::List, None),
+            r#"{"data":[{"id":"sthr_9","agent":{"type":"advisor","model":"claude-haiku-5-5"}}]}"#,
+        );
+        let thread = op(Family::SessionThreads, Action::Stream, Some("sthr_9"));
+        let (out, _) = run(&store, &thread, SPAN);
+        // 1M fast Haiku 5.5 input tokens, a prompt over 100K: $0.10 × 2 × 5 = $1.
+        assert_eq!(
+            total(&out, &metrics::COST, &["acme", "claude-haiku-5-5"]),
+            1_000_000
+        );
+        assert_eq!(
+            total(
+                &out,
+                &metrics::TOKENS,
+                &["acme", "claude-haiku-5-5", "input"]
+            ),
+            1_000_000
+        );
+        // An unread thread's spans take the session's model.
+        let other = op(Family::SessionThreads, Action::Stream, Some("sthr_8"));
+        let (out, _) = run(&store, &other, &SPAN.replace("sevt_1", "sevt_2"));
+        assert_eq!(
+            total(&out, &metrics::COST, &["acme", "claude-opus-5-5"]),
+            8_000_000
+        );
+    }
 }

@@ -57,7 +57,7 @@ metric!(
     "ma_gateway_cost_microdollars_total",
     Counter,
     ["tenant", "model"],
-    "List-price cost of the metered tokens, runtime and web searches, in micro-USD (integer)."
+    "Price-table estimate of the metered tokens, runtime and web searches, in micro-USD (integer); corrected to Anthropic's list_cost by ma_gateway_cost_list_correction_microdollars_total."
 );
 metric!(
     UNPRICED_TOKENS,
@@ -82,6 +82,27 @@ metric!(
 );
 metric!(UPSTREAM_LIST_COST, "ma_gateway_upstream_list_cost_cents_total", Counter, ["tenant"],
     "Anthropic's own list_cost (cents) from session snapshots, for reconciling against ma_gateway_cost_microdollars_total.");
+metric!(
+    COST_CORRECTION,
+    "ma_gateway_cost_list_correction_microdollars_total",
+    Counter,
+    ["tenant", "model", "kind"],
+    "How far Anthropic's session list_cost moved the charged cost from the price-table estimate, in micro-USD; kind up (table low, or model unpriced) or down (table high). Reconciled cost = ma_gateway_cost_microdollars_total + up - down."
+);
+metric!(
+    LIST_COST_CORRECTIONS,
+    "ma_gateway_list_cost_corrections_total",
+    Counter,
+    ["tenant", "model", "kind"],
+    "Sessions' charged cost set to a new Anthropic list_cost figure (each figure once, however many streams, pages and reads carry it)."
+);
+metric!(
+    CHARGED_COST,
+    "ma_gateway_charged_cost_microdollars",
+    Gauge,
+    ["tenant", "model"],
+    "Cost charged to budgets, in micro-USD: estimates plus list_cost corrections (equals the sessions' list_cost once reconciled)."
+);
 metric!(
     USAGE_EVENTS,
     "ma_gateway_usage_events_total",
@@ -147,6 +168,9 @@ pub const ALL: &[Metric] = &[
     RUNTIME_SECONDS,
     WEB_SEARCHES,
     UPSTREAM_LIST_COST,
+    COST_CORRECTION,
+    LIST_COST_CORRECTIONS,
+    CHARGED_COST,
     USAGE_EVENTS,
     DUPLICATES,
     BAD_EVENTS,

@@ -24,12 +24,29 @@
 //! (`claude-opus-4-6*` matches `claude-opus-4-6` and `claude-opus-4-6-20260101`; `*` alone
 //! matches everything). An exact rule wins over any prefix; among prefixes the longest wins.
 //! The defaults name each priced generation explicitly (`claude-opus-4-5*` … `claude-opus-4-8*`,
-//! never `claude-opus-4-*`): Opus 4.0/4.1 cost three times more, and an unknown future model
-//! must show up as [`Priced::Unpriced`], never as a guessed or $0 price.
+//! `claude-opus-5-5*`, exact `claude-opus-5`; never `claude-opus-4-*` or `claude-opus-5*`):
+//! Opus 4.0/4.1 cost three times more, Opus 5.5 less than Opus 5, and an unknown future model
+//! must show up as [`Priced::Unpriced`] (then corrected to Anthropic's `list_cost`), never as
+//! a guessed or $0 price. The table's date is [`PriceTable::source_date`]; the rates the
+//! reference could not verify are marked on their constants below.
 //!
-//! # Known gaps
-//! Fast mode (`speed: "fast"`) and long-context premiums are priced differently upstream but are
-//! not in the reference table; give such models their own rules once their ids are known.
+//! # Estimates and Anthropic's list cost
+//! What this table prices is an **estimate**: spans carry no model name, thread models are
+//! known only when read, and any table lags Anthropic's. Anthropic's cumulative `list_cost`
+//! (on `session.usage` events and session objects) is authoritative; `accounting` corrects
+//! each session's charged cost to it exactly once per new figure. [`PriceTable::estimate`]
+//! prices one charge exactly, in units of 1/[`EXACT_UNITS_PER_MICRO`] µ$, so that accounting
+//! can keep the session's running estimate without rounding loss.
+//!
+//! # Multipliers
+//! - fast mode (`model_usage.speed: "fast"`): ×2 on every token type (reference §8);
+//! - long context: Haiku 5.5 prompts (`input + cache_read + cache_creation` of the span) over
+//!   100,000 tokens cost ×5 on every token type, output included (reference §8);
+//! - data residency `inference_geo: "us"`: ×1.1 on every token type, stacked multiplicatively
+//!   with the others (unverified how it stacks with fast mode).
+//!
+//! Runtime and web search are never multiplied. These multipliers are built in, not part of
+//! the plugin JSON.
 
 use std::fmt;
 
@@ -71,9 +88,71 @@ impl ModelPrices {
     }
 }
 
+// List prices, USD per MTok (input, 5m write, 1h write, cache read, output), from the
+// reference's §8 table "Pricing (USD per million tokens)" compiled 2026-12-04 from the
+// per-model pages of platform.claude.com (undated snapshots) — the current official pricing
+// page could not be read. Rates marked (unverified) come from third parties or are derived.
+const PRICE_TABLE_DATE: &str = "2026-12-04";
+
+/// Fable 5.2 / Mythos 5.2: in/out DOCS; cache rates (unverified, 3P).
+const FABLE_5_2: ModelPrices = ModelPrices::cents(800, 1000, 1600, 20, 4000);
+/// Fable 5.1 / Mythos 5.1: in/out DOCS, cache read a quarter of Fable 5's (DOCS, value 3P);
+/// write rates (unverified, 3P).
+const FABLE_5_1: ModelPrices = ModelPrices::cents(1000, 1250, 2000, 25, 5000);
+/// Fable 5 / Mythos 5 (legacy): in/out DOCS; cache rates (unverified, 3P).
+const FABLE_5: ModelPrices = ModelPrices::cents(1000, 1250, 2000, 100, 5000);
+/// Opus 5.5: DOCS (all five).
+const OPUS_5_5: ModelPrices = ModelPrices::cents(400, 500, 800, 20, 2000);
+/// Opus 5, 4.8, 4.7, 4.6, 4.5: DOCS in/out; 4.7/4.8 cache rates assumed standard (unverified).
 const OPUS: ModelPrices = ModelPrices::cents(500, 625, 1000, 50, 2500);
+/// Sonnet 5.5: DOCS says cache read $0.20, two 3P trackers say $0.10 since 2026-10-07: the
+/// cache-read rate is **unverified** (the DOCS figure is used; list_cost corrects either way).
+const SONNET_5_5: ModelPrices = ModelPrices::cents(200, 250, 400, 20, 1000);
+/// Sonnet 5 (legacy): DOCS.
+const SONNET_5: ModelPrices = ModelPrices::cents(200, 250, 400, 20, 1000);
+/// Sonnet 4.6 (and the retired 4.5, kept for old sessions): old DOCS pricing page.
 const SONNET: ModelPrices = ModelPrices::cents(300, 375, 600, 30, 1500);
+/// Haiku 5.5, prompts ≤ 100K: DOCS in/writes/out; cache read $0.01 (unverified, 3P). Prompts
+/// over 100K cost ×5 (DOCS; the ×5 1h-write rate is derived, unverified).
+const HAIKU_5_5: ModelPrices = ModelPrices {
+    input: 100_000,
+    cache_write_5m: 125_000,
+    cache_write_1h: 200_000,
+    cache_read: 10_000,
+    output: 500_000,
+};
+/// Haiku 4.5: old DOCS pricing page.
 const HAIKU: ModelPrices = ModelPrices::cents(100, 125, 200, 10, 500);
+
+/// Exact cost units per µ$: 3,600 (runtime is priced per hour, counted in seconds) × 10⁶
+/// (prices are per million tokens) × 10 (multipliers are in tenths).
+pub const EXACT_UNITS_PER_MICRO: u128 = 3_600 * 1_000_000 * 10;
+
+/// Multipliers in tenths (×2 = 20).
+const FAST_TENTHS: u128 = 20;
+const GEO_US_TENTHS: u128 = 11;
+const STANDARD_TENTHS: u128 = 10;
+
+/// A long-context band: a span whose prompt exceeds `above_tokens` costs `multiplier` times
+/// every token rate of the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LongContextRule {
+    pub pattern: ModelPattern,
+    pub above_tokens: u64,
+    pub multiplier: u64,
+}
+
+/// What is known about how one charge's tokens were served, beyond the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Terms {
+    /// The span ran in fast mode (`model_usage.speed: "fast"`).
+    pub fast: bool,
+    /// The span's prompt (`input + cache_read + cache_creation`), for long-context bands;
+    /// `None` for snapshot deltas (priced at the base band: never above the truth).
+    pub prompt_tokens: Option<u64>,
+    /// The session runs with `inference_geo: "us"`.
+    pub geo_us: bool,
+}
 
 /// Which model ids a rule applies to (see the module doc).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,6 +226,8 @@ pub struct PriceTable {
     pub runtime_per_hour: u64,
     /// µ$ per 1,000 web search requests.
     pub web_search_per_1k: u64,
+    /// Long-context bands (built in: Haiku 5.5 over 100K tokens ×5).
+    pub long_context: Vec<LongContextRule>,
 }
 
 impl Default for PriceTable {
@@ -156,8 +237,9 @@ impl Default for PriceTable {
 }
 
 impl PriceTable {
-    /// The reference list prices: Opus 4.5–4.8, Sonnet 4.5/4.6, Haiku 4.5, runtime $0.08 per
-    /// session-hour, web search $10 per 1,000.
+    /// The reference list prices (table dated [`PriceTable::source_date`]): the Fable,
+    /// Mythos, Opus, Sonnet and Haiku generations the API serves in December 2026, runtime
+    /// $0.08 per session-hour, web search $10 per 1,000, Haiku 5.5's >100K band ×5.
     pub fn defaults() -> PriceTable {
         let rule = |prefix: &str, prices| ModelRule {
             pattern: ModelPattern::Prefix(prefix.to_string()),
@@ -165,17 +247,51 @@ impl PriceTable {
         };
         PriceTable {
             models: vec![
+                rule("claude-fable-5-2", FABLE_5_2),
+                rule("claude-mythos-5-2", FABLE_5_2),
+                rule("claude-fable-5-1", FABLE_5_1),
+                rule("claude-mythos-5-1", FABLE_5_1),
+                // Exact ids: a prefix `claude-fable-5` would also match 5-3 and later.
+                ModelRule {
+                    pattern: ModelPattern::Exact("claude-fable-5".into()),
+                    prices: FABLE_5,
+                },
+                ModelRule {
+                    pattern: ModelPattern::Exact("claude-mythos-5".into()),
+                    prices: FABLE_5,
+                },
+                rule("claude-opus-5-5", OPUS_5_5),
+                ModelRule {
+                    pattern: ModelPattern::Exact("claude-opus-5".into()),
+                    prices: OPUS,
+                },
                 rule("claude-opus-4-5", OPUS),
                 rule("claude-opus-4-6", OPUS),
                 rule("claude-opus-4-7", OPUS),
                 rule("claude-opus-4-8", OPUS),
+                rule("claude-sonnet-5-5", SONNET_5_5),
+                ModelRule {
+                    pattern: ModelPattern::Exact("claude-sonnet-5".into()),
+                    prices: SONNET_5,
+                },
                 rule("claude-sonnet-4-5", SONNET),
                 rule("claude-sonnet-4-6", SONNET),
+                rule("claude-haiku-5-5", HAIKU_5_5),
                 rule("claude-haiku-4-5", HAIKU),
             ],
             runtime_per_hour: 80_000,
             web_search_per_1k: 10 * MICROS_PER_USD,
+            long_context: vec![LongContextRule {
+                pattern: ModelPattern::Prefix("claude-haiku-5-5".into()),
+                above_tokens: 100_000,
+                multiplier: 5,
+            }],
         }
+    }
+
+    /// The date of the reference table the defaults come from.
+    pub fn source_date() -> &'static str {
+        PRICE_TABLE_DATE
     }
 
     /// Reads a price table from plugin JSON. `path` is where `value` sits in the plugin
@@ -302,6 +418,55 @@ impl PriceTable {
             }
             None => Priced::Unpriced,
         }
+    }
+
+    /// The exact cost of what `charge` adds, in 1/[`EXACT_UNITS_PER_MICRO`] µ$, for tokens of
+    /// `model` served on `terms`; `None` when the model is unknown. Reclassified cache writes
+    /// cost the rate difference (never negative). Runtime and web search are never multiplied.
+    pub fn estimate(&self, model: Option<&str>, charge: &Charge, terms: &Terms) -> Option<u128> {
+        let model = model?;
+        let prices = self.lookup(model)?;
+        let mut tenths = STANDARD_TENTHS;
+        if terms.fast {
+            tenths = tenths * FAST_TENTHS / STANDARD_TENTHS;
+        }
+        if let Some(prompt) = terms.prompt_tokens {
+            if let Some(band) = self
+                .long_context
+                .iter()
+                .find(|b| b.pattern.matches(model) && prompt > b.above_tokens)
+            {
+                tenths = tenths.saturating_mul(u128::from(band.multiplier));
+            }
+        }
+        if terms.geo_us {
+            tenths = tenths.saturating_mul(GEO_US_TENTHS) / STANDARD_TENTHS;
+        }
+        let m = |a: u64, b: u64| u128::from(a).saturating_mul(u128::from(b));
+        let tokens = [
+            m(charge.input, prices.input),
+            m(charge.output, prices.output),
+            m(charge.cache_read, prices.cache_read),
+            m(charge.cache_write_5m, prices.cache_write_5m),
+            m(charge.cache_write_1h, prices.cache_write_1h),
+            m(
+                charge.cache_write_5m_to_1h,
+                prices.cache_write_1h.saturating_sub(prices.cache_write_5m),
+            ),
+        ]
+        .into_iter()
+        .fold(0u128, u128::saturating_add);
+        // tokens × µ$/MTok × tenths / (10⁶ × 10) µ$ = that × 3,600 units.
+        let tokens = tokens
+            .saturating_mul(tenths)
+            .saturating_mul(SECONDS_PER_HOUR);
+        // seconds × µ$/h / 3,600 µ$ = that × 10⁷ units.
+        let runtime = m(charge.active_seconds, self.runtime_per_hour)
+            .saturating_mul(EXACT_UNITS_PER_MICRO / SECONDS_PER_HOUR);
+        // requests × µ$/1k / 1,000 µ$.
+        let searches = m(charge.web_search_requests, self.web_search_per_1k)
+            .saturating_mul(EXACT_UNITS_PER_MICRO / REQUESTS_PER_WEB_SEARCH_UNIT);
+        Some(tokens.saturating_add(runtime).saturating_add(searches))
     }
 
     fn cost_with(&self, prices: &ModelPrices, usage: &Tally) -> u64 {
@@ -661,6 +826,136 @@ mod tests {
         }
     }
 
+    fn est(table: &PriceTable, model: &str, charge: &Charge, terms: Terms) -> u128 {
+        table.estimate(Some(model), charge, &terms).unwrap()
+    }
+
+    #[test]
+    fn current_models_have_the_reference_prices() {
+        let table = PriceTable::defaults();
+        assert_eq!(PriceTable::source_date(), "2026-12-04");
+        for (model, prices) in [
+            ("claude-opus-5-5", OPUS_5_5),
+            ("claude-sonnet-5-5", SONNET_5_5),
+            ("claude-haiku-5-5", HAIKU_5_5),
+            ("claude-fable-5-2", FABLE_5_2),
+            ("claude-fable-5-1", FABLE_5_1),
+            ("claude-fable-5", FABLE_5),
+            ("claude-mythos-5-2", FABLE_5_2),
+            ("claude-opus-5", OPUS),
+            ("claude-sonnet-5", SONNET_5),
+            ("claude-opus-4-8", OPUS),
+            ("claude-sonnet-4-6", SONNET),
+            ("claude-haiku-4-5-20251001", HAIKU),
+        ] {
+            assert_eq!(table.lookup(model), Some(&prices), "{model}");
+        }
+        // Opus 5.5: $4 in, $0.20 cache read (0.05×), $20 out.
+        assert_eq!(OPUS_5_5.input, 4_000_000);
+        assert_eq!(OPUS_5_5.cache_read, 200_000);
+        // Never guessed: later generations and dated legacy ids are unpriced.
+        for model in [
+            "claude-fable-5-3",
+            "claude-opus-5-6",
+            "claude-haiku-6",
+            "claude-opus-5-x",
+        ] {
+            assert_eq!(table.lookup(model), None, "{model}");
+        }
+    }
+
+    #[test]
+    fn estimates_apply_fast_band_and_geo_multipliers() {
+        let table = PriceTable::defaults();
+        let charge = Charge {
+            input: 3571,
+            output: 727,
+            cache_read: 6656,
+            ..Charge::default()
+        };
+        let standard = Terms {
+            prompt_tokens: Some(3571 + 6656),
+            ..Terms::default()
+        };
+        // Opus 5.5: 3571 × 4 + 727 × 20 + 6656 × 0.20 = 14,284 + 14,540 + 1,331.2 µ$.
+        let base = est(&table, "claude-opus-5-5", &charge, standard);
+        assert_eq!(base, 301_552 * EXACT_UNITS_PER_MICRO / 10);
+        // Fast: ×2 on every token type.
+        let fast = Terms {
+            fast: true,
+            ..standard
+        };
+        assert_eq!(est(&table, "claude-opus-5-5", &charge, fast), 2 * base);
+        // Data residency us: ×1.1, stacked with fast.
+        let geo = Terms {
+            geo_us: true,
+            ..standard
+        };
+        assert_eq!(est(&table, "claude-opus-5-5", &charge, geo), base * 11 / 10);
+        let both = Terms {
+            fast: true,
+            geo_us: true,
+            ..standard
+        };
+        assert_eq!(
+            est(&table, "claude-opus-5-5", &charge, both),
+            base * 22 / 10
+        );
+        // Haiku 5.5: ×5 only above 100,000 prompt tokens (input + cache read + writes).
+        let haiku = |prompt| {
+            est(
+                &table,
+                "claude-haiku-5-5",
+                &charge,
+                Terms {
+                    prompt_tokens: Some(prompt),
+                    ..Terms::default()
+                },
+            )
+        };
+        assert_eq!(haiku(100_000) * 5, haiku(100_001));
+        // 3571 × 0.10 + 727 × 0.50 + 6656 × 0.01 = 357.1 + 363.5 + 66.56 = 787.16 µ$.
+        assert_eq!(haiku(100_000), 78_716 * EXACT_UNITS_PER_MICRO / 100);
+        // Other models have no band; snapshot deltas (no prompt) take the base band.
+        assert_eq!(
+            est(
+                &table,
+                "claude-opus-5-5",
+                &charge,
+                Terms {
+                    prompt_tokens: Some(900_000),
+                    ..Terms::default()
+                }
+            ),
+            base
+        );
+        assert_eq!(
+            est(&table, "claude-haiku-5-5", &charge, Terms::default()),
+            haiku(100_000)
+        );
+        // Runtime and web search are not multiplied.
+        let runtime = Charge {
+            active_seconds: 3600,
+            web_search_requests: 1,
+            ..Charge::default()
+        };
+        assert_eq!(
+            est(&table, "claude-opus-5-5", &runtime, both),
+            (80_000 + 10_000) * EXACT_UNITS_PER_MICRO
+        );
+        // Reclassified cache writes cost the rate difference: 50 × (8 − 5) = 150 µ$.
+        let reclassified = Charge {
+            cache_write_5m_to_1h: 50,
+            ..Charge::default()
+        };
+        assert_eq!(
+            est(&table, "claude-opus-5-5", &reclassified, Terms::default()),
+            150 * EXACT_UNITS_PER_MICRO
+        );
+        assert_eq!(table.estimate(Some("gpt-5"), &charge, &standard), None);
+        assert_eq!(table.estimate(None, &charge, &standard), None);
+    }
+
     #[test]
     fn matching_is_exact_first_then_longest_prefix() {
         let mut table = PriceTable::defaults();
@@ -748,7 +1043,7 @@ mod tests {
             "pricing",
         )
         .unwrap();
-        assert_eq!(table.models.len(), 8);
+        assert_eq!(table.models.len(), PriceTable::defaults().models.len() + 1);
         assert_eq!(
             table.lookup("claude-opus-4-6"),
             Some(&ModelPrices {

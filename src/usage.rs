@@ -17,8 +17,8 @@
 //! is an error naming the field, because a silently-zero count would under-bill and a guessed
 //! one could over-bill. The only number accepted as a float is `active_seconds` (seen as a
 //! float in practice): it is floored to whole seconds, so runtime is never over-counted.
-//! `list_cost` is informational (nothing is charged from it), so a malformed one is logged and
-//! dropped rather than failing the whole snapshot.
+//! `list_cost` corrects the session's charged cost (see `accounting`); a malformed one is
+//! logged and dropped rather than failing the whole snapshot (the next one corrects anyway).
 
 use std::fmt;
 
@@ -101,6 +101,8 @@ pub struct SessionFacts {
     /// this is the only place pricing learns it.
     pub model: Option<String>,
     pub status: Option<String>,
+    /// `agent.model.inference_geo` (`us`, `global`), when the body says.
+    pub inference_geo: Option<String>,
     /// The cumulative `usage`, when the body carries one.
     pub snapshot: Option<Snapshot>,
     /// The body carried a `usage` that could not be read. The other facts are still good (the
@@ -188,10 +190,16 @@ fn span(event: &Map<String, Value>, kind: SpanKind) -> Result<Observation, Usage
         cache_creation: required_count(usage, path, "cache_creation_input_tokens")?,
         cache_read: required_count(usage, path, "cache_read_input_tokens")?,
     };
-    let speed = match event.get("speed") {
+    // The tier the request actually ran at is `model_usage.speed`; older shapes put it on
+    // the event.
+    let (speed_path, speed) = match (usage.get("speed"), event.get("speed")) {
+        (Some(speed), _) if !speed.is_null() => (join(path, "speed"), Some(speed)),
+        (_, speed) => ("speed".to_string(), speed),
+    };
+    let speed = match speed {
         None | Some(Value::Null) => None,
         Some(Value::String(speed)) => Some(speed.clone()),
-        Some(other) => return Err(invalid("speed", "a string", other)),
+        Some(other) => return Err(invalid(&speed_path, "a string", other)),
     };
     let is_error = match event.get("is_error") {
         None | Some(Value::Null) => false,
@@ -278,6 +286,10 @@ pub fn from_session_body(body: &[u8]) -> Result<SessionFacts, UsageError> {
             facts.model = match agent.get("model") {
                 Some(Value::String(model)) => Some(model.clone()),
                 Some(Value::Object(model)) => {
+                    facts.inference_geo = model
+                        .get("inference_geo")
+                        .and_then(Value::as_str)
+                        .map(String::from);
                     model.get("id").and_then(Value::as_str).map(String::from)
                 }
                 _ => None,
@@ -297,6 +309,33 @@ pub fn from_session_body(body: &[u8]) -> Result<SessionFacts, UsageError> {
         }
     }
     Ok(facts)
+}
+
+/// The model of each thread object in a thread body: one thread
+/// (`GET /v1/sessions/{id}/threads/{thread_id}`) or a page of them (`{"data": [...]}`). A
+/// thread's `agent` is a saved-agent snapshot (`model` an id or `{id, …}`), an advisor
+/// (`{type: "advisor", model}`) or an inline agent (`{type: "inline", model}`); threads
+/// without a readable model are left out. Malformed bodies give nothing.
+pub fn thread_models(body: &[u8]) -> Vec<(String, String)> {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    let threads: Vec<&Value> = match value.get("data").and_then(Value::as_array) {
+        Some(page) => page.iter().collect(),
+        None => vec![&value],
+    };
+    threads
+        .into_iter()
+        .filter_map(|thread| {
+            let id = thread.get("id")?.as_str().filter(|id| !id.is_empty())?;
+            let model = match thread.get("agent")?.get("model")? {
+                Value::String(model) => model.as_str(),
+                Value::Object(model) => model.get("id")?.as_str()?,
+                _ => return None,
+            };
+            (!model.is_empty()).then(|| (id.to_string(), model.to_string()))
+        })
+        .collect()
 }
 
 /// Reads a cumulative usage object found at `path`; `stats` is the enclosing object's
@@ -358,7 +397,7 @@ fn snapshot(
 }
 
 /// `{"amount":"<integer cents>","currency":"USD"}` → cents. Anything else is logged and
-/// dropped: the figure is informational only.
+/// dropped: the next snapshot carries the cumulative figure again.
 fn list_cost_cents(value: Option<&Value>, path: &str) -> Option<u64> {
     let cost = value.filter(|v| !v.is_null())?;
     let amount = cost.get("amount").and_then(Value::as_str);
@@ -710,6 +749,30 @@ mod tests {
     }
 
     #[test]
+    fn thread_models_of_one_thread_or_a_page() {
+        let one = br#"{"id":"sthr_1","type":"session_thread","agent":{"type":"advisor","model":"claude-opus-5-5"}}"#;
+        assert_eq!(
+            thread_models(one),
+            vec![("sthr_1".to_string(), "claude-opus-5-5".to_string())]
+        );
+        let page = br#"{"data":[
+            {"id":"sthr_1","agent":{"type":"agent","id":"agent_1","model":{"id":"claude-sonnet-5-5","speed":"standard"}}},
+            {"id":"sthr_2","agent":{"type":"inline","model":{"id":"claude-haiku-5-5"}}},
+            {"id":"sthr_3","agent":{"type":"inline"}},
+            {"id":"","agent":{"model":"x"}},
+            7
+        ],"next_page":null}"#;
+        assert_eq!(
+            thread_models(page),
+            vec![
+                ("sthr_1".to_string(), "claude-sonnet-5-5".to_string()),
+                ("sthr_2".to_string(), "claude-haiku-5-5".to_string()),
+            ]
+        );
+        assert!(thread_models(b"not json").is_empty());
+    }
+
+    #[test]
     fn list_cost_is_lenient() {
         for bad in [
             r#"{"amount":"12.34","currency":"USD"}"#,
@@ -747,6 +810,7 @@ mod tests {
                 agent_id: Some("agent_1".into()),
                 model: Some("claude-opus-4-6".into()),
                 status: Some("idle".into()),
+                inference_geo: None,
                 // usage has no active_seconds: stats.active_seconds (floored) is used.
                 snapshot: Some(Snapshot {
                     active_seconds: Some(99),

@@ -12,7 +12,9 @@
 //! 5. `agent.message` with `Echo: <text>` (preceded by `event_start`/`event_delta`
 //!    previews on streams that asked for them);
 //! 6. `span.model_request_end` with [`model_usage`];
-//! 7. `session.usage` with the cumulative snapshot;
+//! 7. `session.usage` with the cumulative snapshot, including Anthropic's `list_cost` (see
+//!    `UsageTruth::list_cost_cents`; [`TurnOptions`] for fast mode, long prompts and threads
+//!    on other models);
 //! 8. `session.status_idle` with `stop_reason: end_turn`.
 //!
 //! `emulator:ticker N` instead emits N `agent.message` ticks one second apart (stamped with
@@ -146,16 +148,63 @@ pub struct ModelUsage {
     pub output_tokens: u64,
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
+    /// Ran in fast mode: `speed: "fast"` (otherwise no `speed`, as without the beta).
+    pub fast: bool,
 }
 
 impl ModelUsage {
     pub fn to_json(self) -> Value {
-        json!({
+        let mut usage = json!({
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
-        })
+        });
+        if self.fast {
+            usage["speed"] = json!("fast");
+        }
+        usage
+    }
+}
+
+/// Per-turn billing options, words anywhere in the user text (the turn is otherwise
+/// ordinary):
+///
+/// - `emulator:fast`: every model request of the turn runs in fast mode
+///   (`model_usage.speed: "fast"`, list cost ×2);
+/// - `emulator:prompt=N`: every model request of the turn has N input tokens (e.g. past
+///   Haiku 5.5's 100,000-token band, list cost ×5);
+/// - `emulator:thread-model=MODEL`: the turn runs on a thread of another model (an advisor
+///   or subagent): its spans are billed at MODEL in the list cost. Spans carry no model
+///   name either way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TurnOptions {
+    pub fast: bool,
+    pub prompt_tokens: Option<u64>,
+    pub thread_model: Option<String>,
+}
+
+impl TurnOptions {
+    pub fn parse(text: &str) -> TurnOptions {
+        let mut opts = TurnOptions::default();
+        for word in text.split_whitespace() {
+            if word == "emulator:fast" {
+                opts.fast = true;
+            } else if let Some(n) = word.strip_prefix("emulator:prompt=") {
+                opts.prompt_tokens = n.parse().ok();
+            } else if let Some(model) = word.strip_prefix("emulator:thread-model=") {
+                opts.thread_model = Some(model.to_string()).filter(|m| !m.is_empty());
+            }
+        }
+        opts
+    }
+
+    fn apply(&self, mut usage: ModelUsage) -> ModelUsage {
+        usage.fast |= self.fast;
+        if let Some(n) = self.prompt_tokens {
+            usage.input_tokens = n;
+        }
+        usage
     }
 }
 
@@ -177,6 +226,7 @@ pub fn model_usage(text: &str, turn_index: u64, request_index: u64) -> ModelUsag
             0
         },
         cache_read_input_tokens: 500 * turn_index + 100 * request_index,
+        fast: false,
     }
 }
 
@@ -392,6 +442,7 @@ pub fn run_worker(app: &App, session_id: &str) {
             session_id,
             interrupt,
             delay: app.cfg.event_delay,
+            opts: TurnOptions::parse(&turn.text),
         };
         if runner.run(&turn, index).is_err() {
             return;
@@ -408,6 +459,7 @@ struct Turn<'a> {
     session_id: &'a str,
     interrupt: Arc<AtomicBool>,
     delay: Duration,
+    opts: TurnOptions,
 }
 
 impl Turn<'_> {
@@ -610,6 +662,7 @@ impl Turn<'_> {
         data: impl FnOnce(&Value) -> String,
     ) -> Result<(), Gone> {
         let sid = self.session_id;
+        let usage = self.opts.apply(usage);
         self.pause();
         self.with_store(|s| {
             let id = s.id("sevt_");
@@ -625,11 +678,7 @@ impl Turn<'_> {
             });
             let frame = Arc::new(sse::format_frame("span.model_request_end", &data(&event)));
             s.emit_with_frame(sid, event, &frame)?;
-            s.truth.entry(sid.to_string()).or_default().record(
-                &id,
-                &usage,
-                ACTIVE_SECONDS_PER_REQUEST,
-            );
+            self.record_truth(s, &id, &usage);
             Some(())
         })
     }
@@ -686,7 +735,19 @@ impl Turn<'_> {
             .to_string())
     }
 
+    /// Adds a model request to the ground truth, billed at the turn's thread model if any.
+    fn record_truth(&self, s: &mut Store, id: &str, usage: &ModelUsage) {
+        let truth = s.truth.entry(self.session_id.to_string()).or_default();
+        let model = self
+            .opts
+            .thread_model
+            .clone()
+            .unwrap_or_else(|| truth.model.clone());
+        truth.record_on(id, usage, ACTIVE_SECONDS_PER_REQUEST, &model);
+    }
+
     fn end_request(&self, start_id: &str, usage: ModelUsage) -> Result<(), Gone> {
+        let usage = self.opts.apply(usage);
         self.pause();
         let sid = self.session_id;
         self.with_store(|s| {
@@ -699,12 +760,12 @@ impl Turn<'_> {
                     "model_usage": usage.to_json(),
                 }),
             )?;
-            let end_id = event.get("id").and_then(Value::as_str).unwrap_or_default();
-            s.truth.entry(sid.to_string()).or_default().record(
-                end_id,
-                &usage,
-                ACTIVE_SECONDS_PER_REQUEST,
-            );
+            let end_id = event
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            self.record_truth(s, &end_id, &usage);
             Some(())
         })
     }
@@ -758,6 +819,67 @@ mod tests {
     use super::*;
 
     #[test]
+    fn list_cost_follows_model_speed_band_threads_and_the_test_delta() {
+        let opts = TurnOptions::parse(
+            "hi emulator:fast emulator:prompt=100001 emulator:thread-model=claude-haiku-5-5",
+        );
+        assert_eq!(
+            opts,
+            TurnOptions {
+                fast: true,
+                prompt_tokens: Some(100_001),
+                thread_model: Some("claude-haiku-5-5".into()),
+            }
+        );
+        let usage = opts.apply(model_usage("hi", 0, 0));
+        assert_eq!(usage.to_json()["speed"], "fast");
+        assert!(model_usage("hi", 0, 0).to_json().get("speed").is_none());
+        let mut truth = UsageTruth {
+            model: "claude-opus-5-5".into(),
+            list_cost_delta_cents: 7,
+            ..UsageTruth::default()
+        };
+        // Before any model request the delta does not apply.
+        assert_eq!(truth.list_cost_cents(), 0);
+        truth.list_cost_delta_cents = 0;
+        // 1,000,000 input tokens of Opus 5.5 = $4 = 400 cents; runtime 2 s ≈ 0.004 cents.
+        let million = ModelUsage {
+            input_tokens: 1_000_000,
+            output_tokens: 0,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: 0,
+            fast: false,
+        };
+        truth.record_on("a", &million, 2, "claude-opus-5-5");
+        assert_eq!(truth.list_cost_cents(), 400);
+        // Fast: ×2.
+        truth.record_on(
+            "b",
+            &ModelUsage {
+                fast: true,
+                ..million
+            },
+            0,
+            "claude-opus-5-5",
+        );
+        assert_eq!(truth.list_cost_cents(), 400 + 800);
+        // A Haiku 5.5 thread over 100K: $0.10 × 5 per MTok.
+        truth.record_on("c", &million, 0, "claude-haiku-5-5");
+        assert_eq!(truth.list_cost_cents(), 1200 + 50);
+        // An unpriced model adds nothing; the delta moves the figure either way.
+        truth.record_on("d", &million, 0, "claude-future-9");
+        assert_eq!(truth.list_cost_cents(), 1250);
+        truth.list_cost_delta_cents = -50;
+        assert_eq!(truth.list_cost_cents(), 1200);
+        truth.list_cost_delta_cents = -5000;
+        assert_eq!(truth.list_cost_cents(), 0);
+        assert_eq!(
+            truth.snapshot()["list_cost"],
+            json!({"amount": "0", "currency": "USD"})
+        );
+    }
+
+    #[test]
     fn usage_formula_is_deterministic() {
         let a = model_usage("hello", 0, 0);
         assert_eq!(
@@ -767,6 +889,7 @@ mod tests {
                 output_tokens: 25,
                 cache_creation_input_tokens: 50,
                 cache_read_input_tokens: 0,
+                fast: false,
             }
         );
         assert_eq!(a, model_usage("hello", 0, 0));

@@ -105,11 +105,69 @@ pub struct UsageTruth {
     pub span_event_ids: Vec<String>,
     /// The usage of each span, in the order of `span_event_ids`.
     pub span_usage: Vec<ModelUsage>,
+    /// The model each span was billed at (a thread's, when not the session's).
+    pub span_models: Vec<String>,
+    /// Exact list cost of the tokens so far, in 10⁻⁶ µ$ (runtime is added when reported).
+    pub list_pico: u128,
+    /// Added to the computed list cost (session metadata `emulator_list_cost_delta_cents`):
+    /// how a test makes Anthropic's list cost differ from any price table, either way.
+    pub list_cost_delta_cents: i64,
+}
+
+/// Runtime list price, µ$ per session-hour of `active_seconds`.
+pub const RUNTIME_MICROS_PER_HOUR: u128 = 80_000;
+
+/// The emulator's own list prices, µ$ per MTok: input, 5m write, 1h write, cache read, output
+/// (the reference's 2026-12 table). `None` for models it does not price: their list cost is
+/// only the session's `emulator_list_cost_delta_cents`.
+pub fn list_rates(model: &str) -> Option<[u128; 5]> {
+    let m = |p: &str| model.starts_with(p);
+    Some(if m("claude-opus-5-5") {
+        [4_000_000, 5_000_000, 8_000_000, 200_000, 20_000_000]
+    } else if m("claude-sonnet-5-5") || model == "claude-sonnet-5" {
+        [2_000_000, 2_500_000, 4_000_000, 200_000, 10_000_000]
+    } else if m("claude-haiku-5-5") {
+        [100_000, 125_000, 200_000, 10_000, 500_000]
+    } else if m("claude-fable-5-2") {
+        [8_000_000, 10_000_000, 16_000_000, 200_000, 40_000_000]
+    } else if m("claude-opus-4-") || model == "claude-opus-5" {
+        [5_000_000, 6_250_000, 10_000_000, 500_000, 25_000_000]
+    } else if m("claude-sonnet-4-") {
+        [3_000_000, 3_750_000, 6_000_000, 300_000, 15_000_000]
+    } else if m("claude-haiku-4-5") {
+        [1_000_000, 1_250_000, 2_000_000, 100_000, 5_000_000]
+    } else {
+        return None;
+    })
 }
 
 impl UsageTruth {
-    /// Adds one model request (all cache writes are counted as 5-minute writes).
-    pub fn record(&mut self, span_end_id: &str, usage: &ModelUsage, active_seconds: u64) {
+    /// Adds one model request (all cache writes are counted as 5-minute writes), billed in
+    /// the list cost at `model` (the session's, or a thread's on another model): fast spans
+    /// cost ×2, Haiku 5.5 prompts over 100,000 tokens ×5.
+    pub fn record_on(
+        &mut self,
+        span_end_id: &str,
+        usage: &ModelUsage,
+        active_seconds: u64,
+        model: &str,
+    ) {
+        if let Some([input, w5m, _, read, output]) = list_rates(model) {
+            let prompt = usage.input_tokens
+                + usage.cache_read_input_tokens
+                + usage.cache_creation_input_tokens;
+            let mut times = if usage.fast { 2 } else { 1 };
+            if model.starts_with("claude-haiku-5-5") && prompt > 100_000 {
+                times *= 5;
+            }
+            let t = |n: u64, rate: u128| u128::from(n) * rate;
+            self.list_pico += times
+                * (t(usage.input_tokens, input)
+                    + t(usage.cache_creation_input_tokens, w5m)
+                    + t(usage.cache_read_input_tokens, read)
+                    + t(usage.output_tokens, output));
+        }
+        self.span_models.push(model.to_string());
         self.model_requests += 1;
         self.input_tokens += usage.input_tokens;
         self.output_tokens += usage.output_tokens;
@@ -121,9 +179,26 @@ impl UsageTruth {
         self.span_usage.push(*usage);
     }
 
+    /// Anthropic's list cost so far, in cents: the exact cost of the tokens (at each span's
+    /// model, speed and band) plus runtime, rounded half up, plus the test's delta once a
+    /// model request ran (never below zero).
+    pub fn list_cost_cents(&self) -> u64 {
+        let runtime = u128::from(self.active_seconds) * RUNTIME_MICROS_PER_HOUR * 1_000_000 / 3_600;
+        let pico = self.list_pico + runtime;
+        let cents = i128::try_from((pico + 5_000_000_000) / 10_000_000_000).unwrap_or(i128::MAX);
+        // Nothing ran yet: nothing to differ on.
+        let delta = if self.model_requests == 0 {
+            0
+        } else {
+            i128::from(self.list_cost_delta_cents)
+        };
+        u64::try_from((cents + delta).max(0)).unwrap_or(0)
+    }
+
     /// The cumulative snapshot as it appears in `session.usage` and on the session.
     pub fn snapshot(&self) -> Value {
         json!({
+            "list_cost": {"amount": self.list_cost_cents().to_string(), "currency": "USD"},
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
@@ -150,14 +225,18 @@ impl UsageTruth {
                 "ephemeral_1h_input_tokens": self.ephemeral_1h_input_tokens,
             },
             "active_seconds": self.active_seconds,
+            "list_cost_cents": self.list_cost_cents(),
+            "list_cost_delta_cents": self.list_cost_delta_cents,
             "span_event_ids": self.span_event_ids,
             "spans": self
                 .span_event_ids
                 .iter()
                 .zip(&self.span_usage)
-                .map(|(id, usage)| {
+                .zip(&self.span_models)
+                .map(|((id, usage), model)| {
                     let mut span = usage.to_json();
                     span["id"] = json!(id);
+                    span["model"] = json!(model);
                     span
                 })
                 .collect::<Vec<_>>(),

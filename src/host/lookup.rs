@@ -94,6 +94,16 @@ pub fn on_response(
         scanner: plan.metering.scanner,
     };
     metrics.apply(meter.on_body(&body, true, &ctx));
+    let refund = meter.take_refund();
+    if let Err(err) = limits::refund_session(
+        &SharedData,
+        tenant,
+        Some(session_id),
+        refund,
+        super::now_ms(),
+    ) {
+        log::warn!("budget of {tenant} not refunded: {err}");
+    }
     let spend = meter.take_spend();
     if let Err(err) = limits::charge_session(
         &SharedData,

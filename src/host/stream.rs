@@ -371,6 +371,20 @@ impl GatewayStream {
             }
         }
         self.metrics.borrow_mut().apply(emissions);
+        // A list cost below the estimates charged gives money back; charges go through
+        // `charge_budgets` (which takes what is left after netting).
+        let refund = meter.take_refund();
+        if let (Some(admitted), true) = (&self.admitted, refund > 0) {
+            let tenant = admitted.principal.tenant.as_str();
+            let session = meter.usage.session_id.as_deref();
+            if let Err(err) = limits::refund_session(&SharedData, tenant, session, refund, now_ms())
+            {
+                log::warn!(
+                    "#{} budget of {tenant} not refunded: {err}",
+                    self.context_id
+                );
+            }
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 """Usage metering through real Envoy: Prometheus totals equal the emulator's ground truth
 exactly, per token type and model, however the usage was seen (two streams on one session,
-a reconnect, history pages, a client leaving mid-turn, nobody streaming at all)."""
+a reconnect, history pages, a client leaving mid-turn, nobody streaming at all); the price
+table's estimate is exact, and the cost charged is the emulator's list_cost."""
 
 from __future__ import annotations
 
@@ -134,6 +135,7 @@ def test_prometheus_totals_equal_the_emulator_ground_truth(metered):
 
     truth_by_model = defaultdict(lambda: defaultdict(int))
     cost_by_model = defaultdict(int)
+    list_by_model = defaultdict(int)
     for sid in sessions.values():
         truth = gw.emulator.usage(sid)
         model = truth["model"]
@@ -144,6 +146,7 @@ def test_prometheus_totals_equal_the_emulator_ground_truth(metered):
         t["cache_write"] += truth["cache_creation_input_tokens"]
         t["runtime"] += truth["active_seconds"]
         cost_by_model[model] += expected_cost(truth, model)
+        list_by_model[model] += truth["list_cost_cents"] * 10_000
 
     samples = prometheus(gw)
     for model, truth in truth_by_model.items():
@@ -151,8 +154,15 @@ def test_prometheus_totals_equal_the_emulator_ground_truth(metered):
             got = metric(samples, "ma_gateway_tokens_total", tenant="default", model=model, type=kind)
             assert got == truth[kind], (model, kind, got, truth[kind])
         assert metric(samples, "ma_gateway_session_runtime_seconds_total", tenant="default", model=model) == truth["runtime"]
+        # The price table's estimate is exact; what is charged is Anthropic's list_cost (the
+        # emulator's, rounded to the cent), reached through at most one correction per figure.
         assert metric(samples, "ma_gateway_cost_microdollars_total", tenant="default", model=model) == cost_by_model[model]
         assert cost_by_model[model] > 0
+        charged = metric(samples, "ma_gateway_charged_cost_microdollars", tenant="default", model=model)
+        up = metric(samples, "ma_gateway_cost_list_correction_microdollars_total", tenant="default", model=model, kind="up")
+        down = metric(samples, "ma_gateway_cost_list_correction_microdollars_total", tenant="default", model=model, kind="down")
+        assert charged == list_by_model[model], (model, charged, list_by_model[model])
+        assert cost_by_model[model] + up - down == charged
     assert metric(samples, "ma_gateway_usage_duplicates_total") > 0
     # Closed streams are logged once Envoy notices the client went away: poll, bounded.
     streams_logged = lambda s: metric(s, "ma_gateway_requests_total", family="session_events",  # noqa: E731
@@ -183,6 +193,9 @@ def test_unknown_model_is_counted_as_unpriced_never_as_zero(metered):
     tokens = truth["input_tokens"] + truth["output_tokens"] + truth["cache_read_input_tokens"] + truth["cache_creation_input_tokens"]
     assert metric(samples, "ma_gateway_unpriced_tokens_total", tenant="default", model="claude-mystery-9") == tokens
     assert ("ma_gateway_cost_microdollars_total", frozenset({("tenant", "default"), ("model", "claude-mystery-9")})) not in samples
+    # The emulator prices no such model either (list_cost "0"): nothing is charged.
+    assert truth["list_cost_cents"] == 0
+    assert metric(samples, "ma_gateway_charged_cost_microdollars", tenant="default", model="claude-mystery-9") == 0
 
 
 def test_the_reconciler_meters_sessions_nobody_streams_or_reads(metered):
@@ -209,6 +222,11 @@ def test_the_reconciler_meters_sessions_nobody_streams_or_reads(metered):
                       type=kind) == truth[field], kind
     assert metric(samples, "ma_gateway_cost_microdollars_total", tenant="default",
                   model="claude-haiku-4-5") == expected_cost(truth, "claude-haiku-4-5")
+    list_micros = truth["list_cost_cents"] * 10_000
+    samples = eventually(gw, lambda s: metric(s, "ma_gateway_charged_cost_microdollars", tenant="default",
+                                              model="claude-haiku-4-5") == list_micros, timeout=20)
+    assert metric(samples, "ma_gateway_charged_cost_microdollars", tenant="default",
+                  model="claude-haiku-4-5") == list_micros
 
 
 def test_a_50_mb_stream_passes_with_flat_filter_memory(emulator):

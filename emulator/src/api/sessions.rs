@@ -323,11 +323,19 @@ pub(super) fn create_session(app: &Arc<App>, req: &Request) -> ApiResult {
             turns: 0,
             interrupt: Arc::default(),
         };
+        // A test hook: make Anthropic's list cost differ from any price table.
+        let list_cost_delta_cents = rec
+            .metadata
+            .get("emulator_list_cost_delta_cents")
+            .and_then(Value::as_str)
+            .and_then(|d| d.parse::<i64>().ok())
+            .unwrap_or(0);
         store.truth.insert(
             id.clone(),
             UsageTruth {
                 session_id: id.clone(),
                 model,
+                list_cost_delta_cents,
                 ..UsageTruth::default()
             },
         );
