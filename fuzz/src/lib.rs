@@ -1043,7 +1043,7 @@ fn gateway_plan() -> Plan {
         "api_version": "v1",
         "betas": {"required": ["managed-agents-2026-04-01"],
                   "allowed": ["managed-agents-2026-04-01", "files-api-2025-04-14"]},
-        "routes": {"neighbours": ["files", "skills"]},
+        "routes": {"neighbours": ["files", "skills"], "shared_neighbours": ["files", "skills"]},
         "tenants": [
             {"name": "platform", "scopes": ["*:*"]},
             {"name": "auditors", "scopes": ["*:readonly"]}
