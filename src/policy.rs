@@ -5,7 +5,8 @@
 //! calls may contain. It reads the JSON body only (no state), so every check is exact and the
 //! same on every worker and replica. It also owns [`clamp_session_budget`] and
 //! [`clamp_session_budget_update`], which cap a session's own spend ceiling at what the
-//! tenant can give it (reserved in [`crate::limits::reserve_session_budget`]).
+//! tenant can give it (reserved in [`crate::limits::reserve_session_budget`]), and
+//! [`clamp_deployment_budget`] for the budget a deployment copies to every session it fires.
 //!
 //! # Config (`rules_from_json`)
 //! ```json
@@ -17,7 +18,13 @@
 //!     "environments": {"forbid_unrestricted": true, "allowed_hosts": ["*.internal.example"],
 //!                      "allow_package_managers": false},
 //!     "vaults": false,
-//!     "max_body_bytes": 65536
+//!     "max_body_bytes": 65536,
+//!     "fast_mode": false,
+//!     "inference_geo": {"allow": ["us"]},
+//!     "multiagent": {"subagents": true, "workflows": false, "inline_agents": false},
+//!     "execution_identity": {"allow": ["service_account", "aws_role"],
+//!                            "role_arns": ["arn:aws:iam::111122223333:role/agents-*"]},
+//!     "deployments": {"schedules": false}
 //!   },
 //!   "*": {"environments": {"forbid_unrestricted": true}}
 //! }}
@@ -28,8 +35,29 @@
 //! empty). An `allow` list admits only what matches one of its patterns (`[]` admits nothing);
 //! `deny` wins over `allow`.
 //!
-//! - `models`: every model the body names — `model` (a string or `{"id": …}`), an enabled
-//!   multi-agent `advisor.model` and `advisor` roster entries. Case-sensitive.
+//! - `models`: every model config the body names — `model` (a string or `{"id": …}`), an
+//!   enabled multi-agent `advisor.model`, and any roster entry with a `model` (`coordinator`
+//!   `agents[]`, `predefined_agents[]` of enabled subagents and workflows; an `advisor` entry
+//!   must name one). Case-sensitive.
+//! - `fast_mode: false` refuses `speed: "fast"` (and speeds unknown to this build) on every
+//!   model config the body names.
+//! - `inference_geo`: allow/deny globs over each model config's `inference_geo`; a model
+//!   without one (also a plain id string) runs in the workspace's `default_inference_geo` and
+//!   is checked as `default`.
+//! - `multiagent`: `subagents`, `workflows` and `inline_agents` (each `true` by default)
+//!   refuse what a `multiagent_20261001` config enables — counting what it enables by
+//!   default: an absent or `null` `subagents`/`workflows`/`inline_agents` is enabled, so
+//!   `{"type": "multiagent_20261001"}` alone enables all three. `subagents: false` also
+//!   refuses the legacy `coordinator` roster. While a `models`, `fast_mode` or
+//!   `inference_geo` rule is set, inline agents are refused: they choose their own models at
+//!   run time, which the gateway cannot check against the primary's rules (send
+//!   `inline_agents: {"type": "disabled"}`). A multiagent type unknown to this build is
+//!   refused while any of these rules is set.
+//! - `execution_identity`: `allow` globs over the identity type (an agent created without
+//!   one, or with `null`, runs as `service_account`), `role_arns` globs every `aws_role`
+//!   `role_arn` must match.
+//! - `deployments.schedules: false` refuses a deployment `schedule` (`null`, which clears
+//!   one, passes).
 //! - `tools`: every tool the body *enables*. Built-in tools go by their name (`bash`, `edit`,
 //!   `read`, `write`, `glob`, `grep`, `web_fetch`, `web_search`), custom tools as
 //!   `custom:<name>`, MCP toolsets as `mcp:<server name>`. An `agent_toolset_*` enables every
@@ -51,8 +79,13 @@
 //! - `max_body_bytes` caps inspected request bodies for the tenant ([`check_body_size`], 413).
 //!
 //! Where rules apply: agent create/update; session create and update with an `agent` object
-//! (its `model`/`tools`/`mcp_servers` overrides, the same on both); environment
-//! create/update; vault and credential writes. A refusal is
+//! (its `model`/`multiagent`/`execution_identity`/`tools`/`mcp_servers` overrides, the same
+//! on both; omitted fields keep the stored agent's); deployment create/update (the
+//! `deployments` neighbour: `schedule`, and an `agent` object like a session's; its `budget`
+//! is capped by [`clamp_deployment_budget`]); environment create/update; vault and
+//! credential writes. A multiagent object on an agent update is checked as sent, like a
+//! create's (the upstream merges it level by level, but an omitted level counts as enabled
+//! here). A refusal is
 //! 403 `permission_error` naming the rule, e.g. `policy: model claude-opus-4-6 is not allowed
 //! for tenant acme (allowed: claude-sonnet-4-*)`; a field a rule must read but cannot (wrong
 //! type) is 400 `invalid_request_error`. Agents referenced by id are not re-checked here: they
