@@ -5,8 +5,10 @@ any of them on.
 
 Every refusal is a 403 `permission_error` naming the rule, on create and on update, with
 nothing reaching the upstream (the emulator records a request the moment its head arrives);
-compliant bodies pass. Measured before: every violating body below reached the upstream and was
-stored (200), and a deployment's budget went upstream unclamped."""
+compliant bodies pass. Measured before (main b3be5b4): this config was refused at load (unknown
+fields); with only its `models` rule, 9 of the 10 violating agent bodies below reached the upstream
+and were stored (200) — among them a roster advisor on a model outside the allow list — and a
+deployment's $9,999.99 budget went upstream as sent (147 bytes) under a $50/day tenant budget."""
 
 from __future__ import annotations
 
