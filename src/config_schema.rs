@@ -590,6 +590,94 @@ fn policy() -> Value {
                 ),
             ),
             (
+                "fast_mode",
+                json!({
+                    "description": "false refuses `speed: \"fast\"` on every model config a body names (primary, advisor, roster, session and deployment overrides)",
+                    "type": "boolean",
+                    "default": d.fast_mode,
+                }),
+            ),
+            (
+                "inference_geo",
+                described(
+                    "globs over `model.inference_geo` of every model config a body names; a config without one is checked as `default` (the workspace's default_inference_geo)",
+                    json!({ "$ref": "#/$defs/name_rules" }),
+                ),
+            ),
+            (
+                "multiagent",
+                object(
+                    "what `multiagent_20261001` may switch on (each enabled upstream by default, also when sent as null); while any model, fast_mode or inference_geo rule is set, inline agents are refused (they choose their own models)",
+                    vec![
+                        (
+                            "subagents",
+                            json!({
+                                "description": "false refuses enabled `subagents` and the legacy `coordinator` roster",
+                                "type": "boolean",
+                                "default": d.multiagent.subagents,
+                            }),
+                        ),
+                        (
+                            "workflows",
+                            json!({
+                                "description": "false refuses enabled `workflows`",
+                                "type": "boolean",
+                                "default": d.multiagent.workflows,
+                            }),
+                        ),
+                        (
+                            "inline_agents",
+                            json!({
+                                "description": "false refuses inline agents in enabled subagents or workflows",
+                                "type": "boolean",
+                                "default": d.multiagent.inline_agents,
+                            }),
+                        ),
+                    ],
+                    &[],
+                ),
+            ),
+            (
+                "execution_identity",
+                object(
+                    "which `execution_identity` agents may run as (an agent created without one runs as `service_account`)",
+                    vec![
+                        (
+                            "allow",
+                            json!({
+                                "description": "identity type globs (`service_account`, `aws_role`); `[]` allows none",
+                                "type": "array",
+                                "items": { "$ref": "#/$defs/policy_pattern" },
+                            }),
+                        ),
+                        (
+                            "role_arns",
+                            json!({
+                                "description": "globs every `aws_role` `role_arn` must match; `[]` allows none",
+                                "type": "array",
+                                "items": { "$ref": "#/$defs/policy_pattern" },
+                            }),
+                        ),
+                    ],
+                    &[],
+                ),
+            ),
+            (
+                "deployments",
+                object(
+                    "deployment bodies (the `deployments` neighbour); their `agent` overrides pass the agent rules, and under a money budget their `budget` is capped at what the tenant has left",
+                    vec![(
+                        "schedules",
+                        json!({
+                            "description": "false refuses a deployment `schedule`",
+                            "type": "boolean",
+                            "default": d.deployment_schedules,
+                        }),
+                    )],
+                    &[],
+                ),
+            ),
+            (
                 "tools",
                 described(
                     "every tool a body enables: built-ins by name, `custom:<name>`, `mcp:<server>`",

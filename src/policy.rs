@@ -5,7 +5,8 @@
 //! calls may contain. It reads the JSON body only (no state), so every check is exact and the
 //! same on every worker and replica. It also owns [`clamp_session_budget`] and
 //! [`clamp_session_budget_update`], which cap a session's own spend ceiling at what the
-//! tenant can give it (reserved in [`crate::limits::reserve_session_budget`]).
+//! tenant can give it (reserved in [`crate::limits::reserve_session_budget`]), and
+//! [`clamp_deployment_budget`] for the budget a deployment copies to every session it fires.
 //!
 //! # Config (`rules_from_json`)
 //! ```json
@@ -17,7 +18,13 @@
 //!     "environments": {"forbid_unrestricted": true, "allowed_hosts": ["*.internal.example"],
 //!                      "allow_package_managers": false},
 //!     "vaults": false,
-//!     "max_body_bytes": 65536
+//!     "max_body_bytes": 65536,
+//!     "fast_mode": false,
+//!     "inference_geo": {"allow": ["us"]},
+//!     "multiagent": {"subagents": true, "workflows": false, "inline_agents": false},
+//!     "execution_identity": {"allow": ["service_account", "aws_role"],
+//!                            "role_arns": ["arn:aws:iam::111122223333:role/agents-*"]},
+//!     "deployments": {"schedules": false}
 //!   },
 //!   "*": {"environments": {"forbid_unrestricted": true}}
 //! }}
@@ -28,8 +35,29 @@
 //! empty). An `allow` list admits only what matches one of its patterns (`[]` admits nothing);
 //! `deny` wins over `allow`.
 //!
-//! - `models`: every model the body names — `model` (a string or `{"id": …}`), an enabled
-//!   multi-agent `advisor.model` and `advisor` roster entries. Case-sensitive.
+//! - `models`: every model config the body names — `model` (a string or `{"id": …}`), an
+//!   enabled multi-agent `advisor.model`, and any roster entry with a `model` (`coordinator`
+//!   `agents[]`, `predefined_agents[]` of enabled subagents and workflows; an `advisor` entry
+//!   must name one). Case-sensitive.
+//! - `fast_mode: false` refuses `speed: "fast"` (and speeds unknown to this build) on every
+//!   model config the body names.
+//! - `inference_geo`: allow/deny globs over each model config's `inference_geo`; a model
+//!   without one (also a plain id string) runs in the workspace's `default_inference_geo` and
+//!   is checked as `default`.
+//! - `multiagent`: `subagents`, `workflows` and `inline_agents` (each `true` by default)
+//!   refuse what a `multiagent_20261001` config enables — counting what it enables by
+//!   default: an absent or `null` `subagents`/`workflows`/`inline_agents` is enabled, so
+//!   `{"type": "multiagent_20261001"}` alone enables all three. `subagents: false` also
+//!   refuses the legacy `coordinator` roster. While a `models`, `fast_mode` or
+//!   `inference_geo` rule is set, inline agents are refused: they choose their own models at
+//!   run time, which the gateway cannot check against the primary's rules (send
+//!   `inline_agents: {"type": "disabled"}`). A multiagent type unknown to this build is
+//!   refused while any of these rules is set.
+//! - `execution_identity`: `allow` globs over the identity type (an agent created without
+//!   one, or with `null`, runs as `service_account`), `role_arns` globs every `aws_role`
+//!   `role_arn` must match.
+//! - `deployments.schedules: false` refuses a deployment `schedule` (`null`, which clears
+//!   one, passes).
 //! - `tools`: every tool the body *enables*. Built-in tools go by their name (`bash`, `edit`,
 //!   `read`, `write`, `glob`, `grep`, `web_fetch`, `web_search`), custom tools as
 //!   `custom:<name>`, MCP toolsets as `mcp:<server name>`. An `agent_toolset_*` enables every
@@ -51,8 +79,13 @@
 //! - `max_body_bytes` caps inspected request bodies for the tenant ([`check_body_size`], 413).
 //!
 //! Where rules apply: agent create/update; session create and update with an `agent` object
-//! (its `model`/`tools`/`mcp_servers` overrides, the same on both); environment
-//! create/update; vault and credential writes. A refusal is
+//! (its `model`/`multiagent`/`execution_identity`/`tools`/`mcp_servers` overrides, the same
+//! on both; omitted fields keep the stored agent's); deployment create/update (the
+//! `deployments` neighbour: `schedule`, and an `agent` object like a session's; its `budget`
+//! is capped by [`clamp_deployment_budget`]); environment create/update; vault and
+//! credential writes. A multiagent object on an agent update is checked as sent, like a
+//! create's (the upstream merges it level by level, but an omitted level counts as enabled
+//! here). A refusal is
 //! 403 `permission_error` naming the rule, e.g. `policy: model claude-opus-4-6 is not allowed
 //! for tenant acme (allowed: claude-sonnet-4-*)`; a field a rule must read but cannot (wrong
 //! type) is 400 `invalid_request_error`. Agents referenced by id are not re-checked here: they
@@ -112,10 +145,52 @@ pub struct EnvironmentRules {
     pub allow_package_managers: bool,
 }
 
+/// What `multiagent_20261001` may switch on (`multiagent` in config); each `true` by default,
+/// as upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MultiagentRules {
+    /// `false` refuses enabled `subagents` (and the legacy `coordinator` roster).
+    pub subagents: bool,
+    /// `false` refuses enabled `workflows`.
+    pub workflows: bool,
+    /// `false` refuses inline agents in enabled subagents or workflows.
+    pub inline_agents: bool,
+}
+
+impl Default for MultiagentRules {
+    fn default() -> Self {
+        MultiagentRules {
+            subagents: true,
+            workflows: true,
+            inline_agents: true,
+        }
+    }
+}
+
+/// Which `execution_identity` an agent may run as (`execution_identity` in config).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentityRules {
+    /// Identity type globs (`service_account`, `aws_role`); `None`: any type.
+    pub allow: Option<Vec<String>>,
+    /// `aws_role` `role_arn` globs; `None`: any role.
+    pub role_arns: Option<Vec<String>>,
+}
+
+impl IdentityRules {
+    fn is_set(&self) -> bool {
+        self.allow.is_some() || self.role_arns.is_some()
+    }
+}
+
 impl Default for TenantPolicy {
     fn default() -> Self {
         TenantPolicy {
             models: NameRules::default(),
+            fast_mode: true,
+            inference_geo: NameRules::default(),
+            multiagent: MultiagentRules::default(),
+            execution_identity: IdentityRules::default(),
+            deployment_schedules: true,
             tools: NameRules::default(),
             mcp_allow_urls: None,
             environments: EnvironmentRules {
@@ -133,6 +208,14 @@ impl Default for TenantPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TenantPolicy {
     pub models: NameRules,
+    /// `false` refuses `speed: "fast"` on every model config a body names.
+    pub fast_mode: bool,
+    /// Globs over `inference_geo`; a model config without one is checked as `default`.
+    pub inference_geo: NameRules,
+    pub multiagent: MultiagentRules,
+    pub execution_identity: IdentityRules,
+    /// `false` refuses a deployment `schedule` (`deployments.schedules`).
+    pub deployment_schedules: bool,
     pub tools: NameRules,
     /// URL globs (`mcp_servers.allow_urls`); `None`: any URL.
     pub mcp_allow_urls: Option<Vec<String>>,
@@ -271,13 +354,15 @@ pub fn check(
     };
     let ctx = Ctx { policy, tenant };
     match (op.family, op.action) {
-        (Family::Agents, Action::Create | Action::Update) => ctx.agent(body, ""),
+        (Family::Agents, Action::Create) => ctx.agent(body, "", true),
+        (Family::Agents, Action::Update) => ctx.agent(body, "", false),
         // An update's `agent` is checked like a create's overrides: the upstream documents
         // only `tools` and `mcp_servers` there, but a model it might accept must pass too.
-        (Family::Sessions, Action::Create | Action::Update) => match body.get("agent") {
-            Some(agent @ Value::Object(_)) => ctx.agent(agent, "agent."),
-            _ => Ok(()),
-        },
+        (Family::Sessions, Action::Create | Action::Update) => ctx.agent_reference(body),
+        (Family::Deployments, Action::Create | Action::Update) => {
+            ctx.deployment_schedule(body)?;
+            ctx.agent_reference(body)
+        }
         (Family::Environments, Action::Create) => ctx.environment(body, true),
         (Family::Environments, Action::Update) => ctx.environment(body, false),
         (Family::Vaults, Action::Create) if !policy.vaults => {
@@ -304,60 +389,287 @@ enum Enabled {
 }
 
 impl Ctx<'_> {
+    /// The `agent` of a session or deployment body: a plain reference (id string or
+    /// `{"type": "agent", …}`) carries nothing to check; an object's overrides are checked
+    /// like an agent update (`prefix` `agent.`: omitted fields keep the stored agent's).
+    fn agent_reference(&self, body: &Value) -> Result<(), ApiError> {
+        match body.get("agent") {
+            Some(agent @ Value::Object(_)) => self.agent(agent, "agent.", false),
+            _ => Ok(()),
+        }
+    }
+
     /// An agent definition: a create/update body, or a session's `agent` object (`prefix`
-    /// `agent.`), whose overrides use the same field names.
-    fn agent(&self, agent: &Value, prefix: &str) -> Result<(), ApiError> {
+    /// `agent.`), whose overrides use the same field names. `create`: the body defines a
+    /// whole agent, so omitted fields take the upstream defaults.
+    fn agent(&self, agent: &Value, prefix: &str, create: bool) -> Result<(), ApiError> {
         self.models(agent, prefix)?;
+        self.multiagent(agent, prefix)?;
+        self.execution_identity(agent, prefix, create)?;
         self.tools(agent.get("tools"), &format!("{prefix}tools"))?;
         self.mcp_servers(agent.get("mcp_servers"), &format!("{prefix}mcp_servers"))
     }
 
+    /// Whether a rule reads model configs (model names, fast mode, inference geo).
+    fn model_rules_set(&self) -> bool {
+        let p = self.policy;
+        p.models.is_set() || !p.fast_mode || p.inference_geo.is_set()
+    }
+
+    /// Every model config the body names: `model`, an advisor's model, and models in the
+    /// `coordinator` roster or in `predefined_agents` of subagents and workflows.
     fn models(&self, agent: &Value, prefix: &str) -> Result<(), ApiError> {
-        let rules = &self.policy.models;
-        if !rules.is_set() {
+        if !self.model_rules_set() {
             return Ok(());
         }
-        let mut models: Vec<&str> = Vec::new();
-        match agent.get("model") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(id)) => models.push(id),
-            Some(Value::Object(config)) => match config.get("id") {
-                Some(Value::String(id)) => models.push(id),
-                _ => return Err(malformed(&format!("{prefix}model.id"), "a model id string")),
-            },
-            Some(_) => {
-                return Err(malformed(
-                    &format!("{prefix}model"),
-                    "a model id string or an object with an id",
-                ))
+        if let Some(model) = agent.get("model").filter(|m| !m.is_null()) {
+            self.model(model, &format!("{prefix}model"))?;
+        }
+        let Some(multi) = agent.get("multiagent").and_then(Value::as_object) else {
+            return Ok(());
+        };
+        let at = format!("{prefix}multiagent");
+        // `multiagent_20261001`: an enabled advisor names its model.
+        if let Some(advisor) = multi.get("advisor").and_then(Value::as_object) {
+            let disabled = advisor.get("type").and_then(Value::as_str) == Some("disabled");
+            if let Some(model) = advisor.get("model").filter(|m| !disabled && !m.is_null()) {
+                self.model(model, &format!("{at}.advisor.model"))?;
             }
         }
-        if let Some(multi) = agent.get("multiagent").and_then(Value::as_object) {
-            // `multiagent_20261001`: an enabled advisor names its model.
-            if let Some(Value::String(id)) = multi.get("advisor").and_then(|a| a.get("model")) {
-                models.push(id);
-            }
-            // `coordinator`: the roster may hold `{"type": "advisor", "model": …}`.
-            if let Some(Value::Array(roster)) = multi.get("agents") {
-                for entry in roster {
-                    if entry.get("type").and_then(Value::as_str) == Some("advisor") {
-                        match entry.get("model") {
-                            Some(Value::String(id)) => models.push(id),
-                            _ => {
-                                return Err(malformed(
-                                    &format!("{prefix}multiagent.agents[].model"),
-                                    "a model id string",
-                                ))
-                            }
-                        }
-                    }
+        // `coordinator`: the roster may hold `{"type": "advisor", "model": …}`.
+        self.roster_models(multi.get("agents"), &format!("{at}.agents"))?;
+        for key in ["subagents", "workflows"] {
+            if let Some(spawn) = multi.get(key).and_then(Value::as_object) {
+                if spawn.get("type").and_then(Value::as_str) != Some("disabled") {
+                    self.roster_models(
+                        spawn.get("predefined_agents"),
+                        &format!("{at}.{key}.predefined_agents"),
+                    )?;
                 }
             }
         }
-        for model in models {
-            self.name_allowed(rules, "model", model, None)?;
+        Ok(())
+    }
+
+    /// Models of a roster's entries: an advisor must name one; any other entry that carries
+    /// a `model` is checked too. Entries by id were checked when created through the gateway.
+    fn roster_models(&self, roster: Option<&Value>, at: &str) -> Result<(), ApiError> {
+        let Some(Value::Array(entries)) = roster else {
+            return Ok(());
+        };
+        for (i, entry) in entries.iter().enumerate() {
+            let model = entry.get("model").filter(|m| !m.is_null());
+            match model {
+                Some(model) => self.model(model, &format!("{at}[{i}].model"))?,
+                None if entry.get("type").and_then(Value::as_str) == Some("advisor") => {
+                    return Err(malformed(&format!("{at}[{i}].model"), "a model id string"))
+                }
+                None => {}
+            }
         }
         Ok(())
+    }
+
+    /// One model config (`field` names it): a model id string, or `{id, speed?,
+    /// inference_geo?}`; a string runs at standard speed in the workspace's default geo.
+    fn model(&self, model: &Value, field: &str) -> Result<(), ApiError> {
+        let text = |config: &Map<String, Value>, key: &str| match config.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(v)) => Ok(Some(v.clone())),
+            Some(_) => Err(malformed(&format!("{field}.{key}"), "a string")),
+        };
+        let (id, speed, geo) = match model {
+            Value::String(id) => (id.clone(), None, None),
+            Value::Object(config) => match config.get("id") {
+                Some(Value::String(id)) => (
+                    id.clone(),
+                    text(config, "speed")?,
+                    text(config, "inference_geo")?,
+                ),
+                _ => return Err(malformed(&format!("{field}.id"), "a model id string")),
+            },
+            _ => {
+                return Err(malformed(
+                    field,
+                    "a model id string or an object with an id",
+                ))
+            }
+        };
+        let tenant = self.tenant;
+        self.name_allowed(&self.policy.models, "model", &id, None)?;
+        if !self.policy.fast_mode {
+            match speed.as_deref() {
+                None | Some("standard") => {}
+                Some("fast") => {
+                    return Err(refuse(format!(
+                        "fast mode ({field}.speed \"fast\") is not allowed for tenant {tenant}; use \"standard\""
+                    )))
+                }
+                Some(other) => {
+                    return Err(refuse(format!(
+                        "speed {} ({field}.speed) is not known to the gateway",
+                        show(other)
+                    )))
+                }
+            }
+        }
+        if self.policy.inference_geo.is_set() {
+            let (geo, hint) = match &geo {
+                Some(geo) => (geo.as_str(), None),
+                None => (
+                    "default",
+                    Some(format!(
+                        "; {field} names no inference_geo, so it runs in the workspace's default_inference_geo (\"default\" to the policy): set {field}.inference_geo"
+                    )),
+                ),
+            };
+            self.name_allowed(
+                &self.policy.inference_geo,
+                "inference_geo",
+                geo,
+                hint.as_deref(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `multiagent`: what a `multiagent_20261001` config switches on, counting what it
+    /// enables by default (`subagents`, `workflows` and their inline agents; a key sent as
+    /// `null` is enabled too), and the legacy `coordinator` roster as subagents. While a
+    /// model rule is set, inline agents are refused: they choose their own models at run
+    /// time, out of the gateway's sight. A type unknown to this build is refused while any
+    /// rule here or on models is set.
+    fn multiagent(&self, agent: &Value, prefix: &str) -> Result<(), ApiError> {
+        let rules = &self.policy.multiagent;
+        let model_rules = self.model_rules_set();
+        if *rules == MultiagentRules::default() && !model_rules {
+            return Ok(());
+        }
+        let multi = match agent.get("multiagent") {
+            None | Some(Value::Null) => return Ok(()),
+            Some(Value::Object(multi)) => multi,
+            Some(_) => return Err(malformed(&format!("{prefix}multiagent"), "an object")),
+        };
+        let tenant = self.tenant;
+        let at = format!("{prefix}multiagent");
+        match multi.get("type").and_then(Value::as_str) {
+            Some("coordinator") if !rules.subagents => Err(refuse(format!(
+                "subagents are forbidden for tenant {tenant} ({at} type coordinator calls other agents)"
+            ))),
+            Some("coordinator") => Ok(()),
+            Some("multiagent_20261001") => {
+                for (key, allowed) in [("subagents", rules.subagents), ("workflows", rules.workflows)]
+                {
+                    let field = format!("{at}.{key}");
+                    let Some((inline, by_default)) = spawn_config(multi.get(key), &field)? else {
+                        continue;
+                    };
+                    if !allowed {
+                        let hint = if by_default {
+                            format!("; multiagent_20261001 enables them by default: send \"{key}\": {{\"type\":\"disabled\"}}")
+                        } else {
+                            String::new()
+                        };
+                        return Err(refuse(format!(
+                            "{key} are forbidden for tenant {tenant} ({field}){hint}"
+                        )));
+                    }
+                    let fix = format!("send \"inline_agents\": {{\"type\":\"disabled\"}} in {field}");
+                    if inline && !rules.inline_agents {
+                        return Err(refuse(format!(
+                            "inline agents ({field}) are forbidden for tenant {tenant}; they are enabled unless disabled: {fix}"
+                        )));
+                    }
+                    if inline && model_rules {
+                        return Err(refuse(format!(
+                            "inline agents ({field}) choose their own models, which the gateway cannot check against the model rules of tenant {tenant}; {fix}"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            other => Err(refuse(format!(
+                "multiagent type {} is not known to the gateway ({at}.type)",
+                show(other.unwrap_or("(missing)"))
+            ))),
+        }
+    }
+
+    /// `execution_identity`: its type must be allowed, and an `aws_role`'s `role_arn` must
+    /// match a `role_arns` pattern. An agent created without one runs as `service_account`
+    /// (so is `null`); an update or override without one keeps the stored agent's.
+    fn execution_identity(
+        &self,
+        agent: &Value,
+        prefix: &str,
+        create: bool,
+    ) -> Result<(), ApiError> {
+        let rules = &self.policy.execution_identity;
+        if !rules.is_set() {
+            return Ok(());
+        }
+        let at = format!("{prefix}execution_identity");
+        let identity = match agent.get("execution_identity") {
+            None if !create => return Ok(()),
+            None | Some(Value::Null) => None,
+            Some(Value::Object(identity)) => Some(identity),
+            Some(_) => return Err(malformed(&at, "an object")),
+        };
+        let kind = match identity.map(|i| i.get("type")) {
+            None => "service_account",
+            Some(Some(Value::String(kind))) => kind.as_str(),
+            Some(_) => return Err(malformed(&format!("{at}.type"), "a string")),
+        };
+        let tenant = self.tenant;
+        if let Some(allow) = &rules.allow {
+            if !any_match(allow, kind) {
+                let allowed = if allow.is_empty() {
+                    "none".to_string()
+                } else {
+                    allow.join(", ")
+                };
+                let hint = if identity.is_none() {
+                    format!("; an agent without {at} runs as service_account")
+                } else {
+                    String::new()
+                };
+                return Err(refuse(format!(
+                    "execution identity {} is not allowed for tenant {tenant} (allowed: {allowed}){hint}",
+                    show(kind)
+                )));
+            }
+        }
+        if let (Some(arns), Some(identity), "aws_role") = (&rules.role_arns, identity, kind) {
+            let Some(arn) = identity.get("role_arn").and_then(Value::as_str) else {
+                return Err(malformed(&format!("{at}.role_arn"), "a string"));
+            };
+            if !any_match(arns, arn) {
+                let allowed = if arns.is_empty() {
+                    "none".to_string()
+                } else {
+                    arns.join(", ")
+                };
+                return Err(refuse(format!(
+                    "{at}.role_arn {} is not allowed for tenant {tenant} (allowed: {allowed})",
+                    show(arn)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `deployments.schedules: false` refuses a deployment `schedule` (`null` clears one).
+    fn deployment_schedule(&self, body: &Value) -> Result<(), ApiError> {
+        if self.policy.deployment_schedules {
+            return Ok(());
+        }
+        match body.get("schedule") {
+            None | Some(Value::Null) => Ok(()),
+            Some(_) => Err(refuse(format!(
+                "deployment schedules are forbidden for tenant {} (schedule); run the deployment on demand instead",
+                self.tenant
+            ))),
+        }
     }
 
     /// Refuses `name` when denied or not allowed; `hint` explains a tool enabled by default.
@@ -545,6 +857,38 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+/// A `subagents` / `workflows` config of `multiagent_20261001`: `None` when disabled, else
+/// (inline agents enabled, enabled only by default). Absent or `null` means enabled, and so
+/// do absent or `null` `inline_agents`.
+fn spawn_config(value: Option<&Value>, at: &str) -> Result<Option<(bool, bool)>, ApiError> {
+    let config = match value {
+        None | Some(Value::Null) => return Ok(Some((true, true))),
+        Some(Value::Object(config)) => config,
+        Some(_) => return Err(malformed(at, "an object")),
+    };
+    let unknown = |field: &str, kind: Option<&str>| {
+        refuse(format!(
+            "{field} type {} is not known to the gateway",
+            show(kind.unwrap_or("(missing)"))
+        ))
+    };
+    match config.get("type").and_then(Value::as_str) {
+        Some("disabled") => return Ok(None),
+        Some("enabled") => {}
+        other => return Err(unknown(at, other)),
+    }
+    let inline = match config.get("inline_agents") {
+        None | Some(Value::Null) => true,
+        Some(Value::Object(inline)) => match inline.get("type").and_then(Value::as_str) {
+            Some("enabled") => true,
+            Some("disabled") => false,
+            other => return Err(unknown(&format!("{at}.inline_agents"), other)),
+        },
+        Some(_) => return Err(malformed(&format!("{at}.inline_agents"), "an object")),
+    };
+    Ok(Some((inline, false)))
 }
 
 /// The tools one `tools[]` entry enables, by policy name (see the module doc).
@@ -735,6 +1079,27 @@ pub fn clamp_session_budget_update(
     }
 }
 
+/// The same cap for a deployment create or update (`POST /v1/deployments[/{id}]`), whose
+/// `budget` is copied to every session it fires (sessions the gateway never sees): each fired
+/// session may spend at most what the tenant has left now, `remaining_microdollars`. A create
+/// without a readable budget gets one; an update that omits `budget` keeps the deployment's
+/// (capped) one, and `null` would remove the cap and is refused with 403. Returns whether the
+/// body changed.
+pub fn clamp_deployment_budget(
+    body: &mut Value,
+    remaining_microdollars: u64,
+    create: bool,
+    tenant: &str,
+) -> Result<bool, ApiError> {
+    match body.get("budget") {
+        None if !create => Ok(false),
+        Some(Value::Null) if !create => Err(refuse(format!(
+            "a deployment budget cannot be removed while tenant {tenant} has a cost budget (every session it fires copies it)"
+        ))),
+        _ => Ok(clamp_session_budget(body, remaining_microdollars)),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Config
 // ---------------------------------------------------------------------------------------------
@@ -767,6 +1132,11 @@ fn parse_tenant(value: &Value, path: &str) -> Result<TenantPolicy, String> {
         path,
         &[
             "models",
+            "fast_mode",
+            "inference_geo",
+            "multiagent",
+            "execution_identity",
+            "deployments",
             "tools",
             "mcp_servers",
             "environments",
@@ -777,6 +1147,47 @@ fn parse_tenant(value: &Value, path: &str) -> Result<TenantPolicy, String> {
     let mut policy = TenantPolicy::default();
     if let Some(v) = fields.get("models") {
         policy.models = parse_names(v, &join(path, "models"), any_pattern)?;
+    }
+    if let Some(b) = fields.get("fast_mode") {
+        policy.fast_mode = boolean(b, &join(path, "fast_mode"))?;
+    }
+    if let Some(v) = fields.get("inference_geo") {
+        policy.inference_geo = parse_names(v, &join(path, "inference_geo"), any_pattern)?;
+    }
+    if let Some(v) = fields.get("multiagent") {
+        let at = join(path, "multiagent");
+        let multi = object(v, &at, &["subagents", "workflows", "inline_agents"])?;
+        let rules = &mut policy.multiagent;
+        for (key, slot) in [
+            ("subagents", &mut rules.subagents),
+            ("workflows", &mut rules.workflows),
+            ("inline_agents", &mut rules.inline_agents),
+        ] {
+            if let Some(b) = multi.get(key) {
+                *slot = boolean(b, &join(&at, key))?;
+            }
+        }
+    }
+    if let Some(v) = fields.get("execution_identity") {
+        let at = join(path, "execution_identity");
+        let identity = object(v, &at, &["allow", "role_arns"])?;
+        policy.execution_identity = IdentityRules {
+            allow: identity
+                .get("allow")
+                .map(|v| patterns(v, &join(&at, "allow"), any_pattern))
+                .transpose()?,
+            role_arns: identity
+                .get("role_arns")
+                .map(|v| patterns(v, &join(&at, "role_arns"), any_pattern))
+                .transpose()?,
+        };
+    }
+    if let Some(v) = fields.get("deployments") {
+        let at = join(path, "deployments");
+        let deployments = object(v, &at, &["schedules"])?;
+        if let Some(b) = deployments.get("schedules") {
+            policy.deployment_schedules = boolean(b, &join(&at, "schedules"))?;
+        }
     }
     if let Some(v) = fields.get("tools") {
         policy.tools = parse_names(v, &join(path, "tools"), any_pattern)?;
@@ -1089,7 +1500,13 @@ mod tests {
                                      "allowed_hosts": ["*.Internal.Example"],
                                      "allow_package_managers": false},
                     "vaults": false,
-                    "max_body_bytes": 65536
+                    "max_body_bytes": 65536,
+                    "fast_mode": false,
+                    "inference_geo": {"allow": ["us", "default"], "deny": ["eu"]},
+                    "multiagent": {"subagents": false, "workflows": false, "inline_agents": false},
+                    "execution_identity": {"allow": ["aws_role"],
+                                           "role_arns": ["arn:aws:iam::1:role/*"]},
+                    "deployments": {"schedules": false}
                 },
                 "*": {"vaults": false}
             }}),
@@ -1113,6 +1530,21 @@ mod tests {
             },
             vaults: false,
             max_body_bytes: Some(65_536),
+            fast_mode: false,
+            inference_geo: NameRules {
+                allow: Some(vec!["us".into(), "default".into()]),
+                deny: vec!["eu".into()],
+            },
+            multiagent: MultiagentRules {
+                subagents: false,
+                workflows: false,
+                inline_agents: false,
+            },
+            execution_identity: IdentityRules {
+                allow: Some(vec!["aws_role".into()]),
+                role_arns: Some(vec!["arn:aws:iam::1:role/*".into()]),
+            },
+            deployment_schedules: false,
         };
         assert_eq!(rules.for_tenant("acme"), Some(&acme));
         let default = TenantPolicy {
@@ -1199,6 +1631,42 @@ mod tests {
             (
                 json!({"tenants": {"acme": {"max_body_bytes": "64k"}}}),
                 "policy.tenants.acme.max_body_bytes: expected an integer, found a string",
+            ),
+            (
+                json!({"tenants": {"acme": {"fast_mode": "off"}}}),
+                "policy.tenants.acme.fast_mode: expected true or false, found a string",
+            ),
+            (
+                json!({"tenants": {"acme": {"inference_geo": {"allow": "us"}}}}),
+                "policy.tenants.acme.inference_geo.allow: expected an array, found a string",
+            ),
+            (
+                json!({"tenants": {"acme": {"inference_geo": {"allow": [""]}}}}),
+                "policy.tenants.acme.inference_geo.allow[0]: invalid pattern \"\"",
+            ),
+            (
+                json!({"tenants": {"acme": {"multiagent": {"advisor": false}}}}),
+                "policy.tenants.acme.multiagent.advisor: unknown field",
+            ),
+            (
+                json!({"tenants": {"acme": {"multiagent": {"inline_agents": 0}}}}),
+                "policy.tenants.acme.multiagent.inline_agents: expected true or false, found a number",
+            ),
+            (
+                json!({"tenants": {"acme": {"execution_identity": {"types": []}}}}),
+                "policy.tenants.acme.execution_identity.types: unknown field",
+            ),
+            (
+                json!({"tenants": {"acme": {"execution_identity": {"role_arns": [1]}}}}),
+                "policy.tenants.acme.execution_identity.role_arns[0]: expected a string, found a number",
+            ),
+            (
+                json!({"tenants": {"acme": {"deployments": []}}}),
+                "policy.tenants.acme.deployments: expected an object, found an array",
+            ),
+            (
+                json!({"tenants": {"acme": {"deployments": {"schedules": null}}}}),
+                "policy.tenants.acme.deployments.schedules: expected true or false, found null",
             ),
         ];
         for (value, expected) in table {
@@ -2039,6 +2507,509 @@ mod tests {
     }
 
     // ---- session budgets ----
+
+    // ---- December 2026 surface ----
+
+    /// The same fields as an agent create, an agent update, a session create override, a
+    /// session update and a deployment create/update override: every path refuses alike,
+    /// with the field path prefixed by `agent.` under sessions and deployments.
+    fn every_path(r: &PolicyRules, fields: Value) -> Vec<(u32, String)> {
+        let mut override_ = json!({"type": "agent_with_overrides", "id": "agent_1"});
+        let mut update = json!({});
+        for (k, v) in fields.as_object().unwrap() {
+            override_[k] = v.clone();
+            update[k] = v.clone();
+        }
+        vec![
+            refusal(r, Family::Agents, Action::Create, fields.clone()),
+            refusal(r, Family::Agents, Action::Update, fields.clone()),
+            refusal(
+                r,
+                Family::Sessions,
+                Action::Create,
+                json!({"agent": override_.clone(), "environment_id": "env_1"}),
+            ),
+            refusal(
+                r,
+                Family::Sessions,
+                Action::Update,
+                json!({"agent": update}),
+            ),
+            refusal(
+                r,
+                Family::Deployments,
+                Action::Create,
+                json!({"agent": override_.clone(), "name": "d"}),
+            ),
+            refusal(
+                r,
+                Family::Deployments,
+                Action::Update,
+                json!({"agent": override_}),
+            ),
+        ]
+    }
+
+    /// `message` with its field paths (`model…`, `multiagent…`, `execution_identity…`, not
+    /// rule names like `model claude-…`) prefixed by `agent.`.
+    fn under_agent(message: &str) -> String {
+        let mut out = String::new();
+        let mut rest = message;
+        'scan: while let Some(c) = rest.chars().next() {
+            for field in ["model", "multiagent", "execution_identity"] {
+                let next = rest.get(field.len()..).unwrap_or_default();
+                let starts = rest.starts_with(field)
+                    && if next.starts_with(['.', ')']) {
+                        out.ends_with(' ') || out.ends_with('(')
+                    } else {
+                        next.starts_with(' ')
+                            && (out.ends_with('(')
+                                || out.ends_with("; ")
+                                || out.ends_with("without "))
+                    };
+                if starts {
+                    out.push_str("agent.");
+                    out.push_str(field);
+                    rest = &rest[field.len()..];
+                    continue 'scan;
+                }
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out
+    }
+
+    fn refused_everywhere(r: &PolicyRules, fields: Value, message: &str) {
+        let at_agent = under_agent(message);
+        let expected = [message, message, &at_agent, &at_agent, &at_agent, &at_agent]
+            .map(|m| (403, m.to_string()));
+        assert_eq!(every_path(r, fields), expected.to_vec());
+    }
+
+    #[test]
+    fn fast_mode_can_be_forbidden_on_every_model_config() {
+        let r = rules(json!({"fast_mode": false}));
+        let fast = |field: &str| {
+            format!("policy: fast mode ({field}.speed \"fast\") is not allowed for tenant acme; use \"standard\"")
+        };
+        refused_everywhere(
+            &r,
+            json!({"model": {"id": "claude-opus-5-5", "speed": "fast"}}),
+            &fast("model"),
+        );
+        refused_everywhere(
+            &r,
+            json!({"multiagent": {"type": "multiagent_20261001",
+                                  "subagents": {"type": "enabled", "inline_agents": {"type": "disabled"}},
+                                  "workflows": {"type": "disabled"},
+                                  "advisor": {"type": "enabled",
+                                              "model": {"id": "claude-opus-5-5", "speed": "fast"}}}}),
+            &fast("multiagent.advisor.model"),
+        );
+        refused_everywhere(
+            &r,
+            json!({"multiagent": {"type": "coordinator", "agents": [
+                "agent_2", {"type": "advisor", "model": {"id": "claude-fable-5-2", "speed": "fast"}}]}}),
+            &fast("multiagent.agents[1].model"),
+        );
+        refused_everywhere(
+            &r,
+            json!({"multiagent": {"type": "multiagent_20261001",
+                                  "subagents": {"type": "disabled"},
+                                  "workflows": {"type": "enabled", "inline_agents": {"type": "disabled"},
+                                                "predefined_agents": [{"type": "advisor",
+                                                    "model": {"id": "claude-opus-5", "speed": "fast"}}]}}}),
+            &fast("multiagent.workflows.predefined_agents[0].model"),
+        );
+        refused_everywhere(
+            &r,
+            json!({"model": {"id": "claude-opus-5-5", "speed": "turbo"}}),
+            "policy: speed turbo (model.speed) is not known to the gateway",
+        );
+        for model in [
+            json!("claude-opus-5-5"),
+            json!({"id": "claude-opus-5-5"}),
+            json!({"id": "claude-opus-5-5", "speed": "standard"}),
+            json!({"id": "claude-opus-5-5", "speed": null}),
+        ] {
+            passes(&r, Family::Agents, Action::Create, json!({"model": model}));
+        }
+        // A disabled advisor's model is not run.
+        passes(
+            &r,
+            Family::Agents,
+            Action::Create,
+            json!({"multiagent": {"type": "multiagent_20261001",
+                                  "subagents": {"type": "disabled"}, "workflows": {"type": "disabled"},
+                                  "advisor": {"type": "disabled", "model": {"id": "m", "speed": "fast"}}}}),
+        );
+        // Without the rule, fast passes.
+        passes(
+            &rules(json!({})),
+            Family::Agents,
+            Action::Create,
+            json!({"model": {"id": "claude-opus-5-5", "speed": "fast"}}),
+        );
+        assert_eq!(
+            refusal(
+                &r,
+                Family::Agents,
+                Action::Create,
+                json!({"model": {"id": "m", "speed": 2}})
+            ),
+            (400, "policy: model.speed must be a string".into())
+        );
+    }
+
+    #[test]
+    fn inference_geo_is_allowed_or_denied_per_tenant_and_absent_means_default() {
+        let r = rules(json!({"inference_geo": {"allow": ["us", "global"], "deny": ["global"]}}));
+        refused_everywhere(
+            &r,
+            json!({"model": {"id": "claude-opus-5-5", "inference_geo": "eu"}}),
+            "policy: inference_geo eu is not allowed for tenant acme (allowed: us, global)",
+        );
+        refused_everywhere(
+            &r,
+            json!({"model": {"id": "claude-opus-5-5", "inference_geo": "global"}}),
+            "policy: inference_geo global is denied for tenant acme (denied: global)",
+        );
+        refused_everywhere(
+            &r,
+            json!({"model": "claude-opus-5-5"}),
+            "policy: inference_geo default is not allowed for tenant acme (allowed: us, global); model names no inference_geo, so it runs in the workspace's default_inference_geo (\"default\" to the policy): set model.inference_geo"
+                ,
+        );
+        passes(
+            &r,
+            Family::Agents,
+            Action::Create,
+            json!({"model": {"id": "claude-opus-5-5", "inference_geo": "us"}}),
+        );
+        // An update or override without a model keeps the stored agent's (checked then).
+        passes(&r, Family::Agents, Action::Update, json!({"system": "s"}));
+        passes(
+            &r,
+            Family::Sessions,
+            Action::Create,
+            json!({"agent": {"type": "agent_with_overrides", "id": "agent_1", "system": "s"}}),
+        );
+        let with_default = rules(json!({"inference_geo": {"allow": ["us", "default"]}}));
+        passes(
+            &with_default,
+            Family::Agents,
+            Action::Create,
+            json!({"model": "claude-opus-5-5"}),
+        );
+        assert_eq!(
+            refusal(
+                &r,
+                Family::Agents,
+                Action::Create,
+                json!({"model": {"id": "m", "inference_geo": ["us"]}})
+            ),
+            (400, "policy: model.inference_geo must be a string".into())
+        );
+    }
+
+    #[test]
+    fn subagents_workflows_and_inline_agents_are_on_by_default_and_can_be_forbidden() {
+        let multi = |v: Value| json!({"multiagent": v});
+        let off = json!({"type": "disabled"});
+        let no_inline = json!({"type": "enabled", "inline_agents": {"type": "disabled"}});
+        let r = rules(json!({"multiagent": {"workflows": false}}));
+        refused_everywhere(
+            &r,
+            multi(json!({"type": "multiagent_20261001"})),
+            "policy: workflows are forbidden for tenant acme (multiagent.workflows); multiagent_20261001 enables them by default: send \"workflows\": {\"type\":\"disabled\"}",
+        );
+        refused_everywhere(
+            &r,
+            multi(json!({"type": "multiagent_20261001", "workflows": null})),
+            "policy: workflows are forbidden for tenant acme (multiagent.workflows); multiagent_20261001 enables them by default: send \"workflows\": {\"type\":\"disabled\"}",
+        );
+        refused_everywhere(
+            &r,
+            multi(json!({"type": "multiagent_20261001", "workflows": {"type": "enabled"}})),
+            "policy: workflows are forbidden for tenant acme (multiagent.workflows)",
+        );
+        passes(
+            &r,
+            Family::Agents,
+            Action::Create,
+            multi(json!({"type": "multiagent_20261001", "workflows": off})),
+        );
+        let r = rules(json!({"multiagent": {"subagents": false}}));
+        refused_everywhere(
+            &r,
+            multi(json!({"type": "multiagent_20261001", "workflows": off})),
+            "policy: subagents are forbidden for tenant acme (multiagent.subagents); multiagent_20261001 enables them by default: send \"subagents\": {\"type\":\"disabled\"}",
+        );
+        refused_everywhere(
+            &r,
+            multi(json!({"type": "coordinator", "agents": ["agent_2"]})),
+            "policy: subagents are forbidden for tenant acme (multiagent type coordinator calls other agents)",
+        );
+        let r = rules(json!({"multiagent": {"inline_agents": false}}));
+        refused_everywhere(
+            &r,
+            multi(json!({"type": "multiagent_20261001", "subagents": no_inline,
+                         "workflows": {"type": "enabled", "inline_agents": null}})),
+            "policy: inline agents (multiagent.workflows) are forbidden for tenant acme; they are enabled unless disabled: send \"inline_agents\": {\"type\":\"disabled\"} in multiagent.workflows",
+        );
+        passes(
+            &r,
+            Family::Agents,
+            Action::Create,
+            multi(
+                json!({"type": "multiagent_20261001", "subagents": no_inline, "workflows": no_inline}),
+            ),
+        );
+        // No multiagent field, or null: nothing is spawned.
+        passes(&r, Family::Agents, Action::Create, json!({"name": "a"}));
+        passes(
+            &r,
+            Family::Agents,
+            Action::Update,
+            json!({"multiagent": null}),
+        );
+        refused_everywhere(
+            &r,
+            multi(json!({"type": "multiagent_20270101"})),
+            "policy: multiagent type multiagent_20270101 is not known to the gateway (multiagent.type)",
+        );
+        refused_everywhere(
+            &r,
+            multi(json!({"type": "multiagent_20261001", "subagents": {"type": "sometimes"}})),
+            "policy: multiagent.subagents type sometimes is not known to the gateway",
+        );
+        assert_eq!(
+            refusal(&r, Family::Agents, Action::Create, multi(json!("on"))),
+            (400, "policy: multiagent must be an object".into())
+        );
+        // Without multiagent or model rules, anything goes.
+        passes(
+            &rules(json!({"tools": {"deny": ["bash"]}})),
+            Family::Agents,
+            Action::Create,
+            multi(json!({"type": "multiagent_20270101"})),
+        );
+    }
+
+    #[test]
+    fn subagent_models_pass_the_primary_model_rules_and_inline_agents_cannot() {
+        let r = rules(json!({"models": {"allow": ["claude-opus-5-5"]}}));
+        let no_inline = json!({"type": "enabled", "inline_agents": {"type": "disabled"}});
+        refused_everywhere(
+            &r,
+            json!({"model": "claude-opus-5-5", "multiagent": {"type": "multiagent_20261001",
+                                                             "workflows": {"type": "disabled"}}}),
+            "policy: inline agents (multiagent.subagents) choose their own models, which the gateway cannot check against the model rules of tenant acme; send \"inline_agents\": {\"type\":\"disabled\"} in multiagent.subagents",
+        );
+        refused_everywhere(
+            &r,
+            json!({"multiagent": {"type": "multiagent_20261001", "workflows": no_inline,
+                                  "subagents": {"type": "enabled", "inline_agents": {"type": "disabled"},
+                                                "predefined_agents": ["agent_2", {"type": "self"},
+                                                                      {"type": "advisor", "model": "claude-haiku-5-5"}]}}}),
+            "policy: model claude-haiku-5-5 is not allowed for tenant acme (allowed: claude-opus-5-5)",
+        );
+        assert_eq!(
+            refusal(
+                &r,
+                Family::Agents,
+                Action::Create,
+                json!({"multiagent": {"type": "multiagent_20261001", "workflows": no_inline,
+                                      "subagents": {"type": "enabled", "inline_agents": {"type": "disabled"},
+                                                    "predefined_agents": [{"type": "advisor"}]}}})
+            ),
+            (
+                400,
+                "policy: multiagent.subagents.predefined_agents[0].model must be a model id string"
+                    .into()
+            )
+        );
+        passes(
+            &r,
+            Family::Agents,
+            Action::Create,
+            json!({"model": "claude-opus-5-5", "multiagent": {
+                "type": "multiagent_20261001", "workflows": {"type": "disabled"},
+                "subagents": {"type": "enabled", "inline_agents": {"type": "disabled"},
+                              "predefined_agents": ["agent_2", {"type": "advisor", "model": "claude-opus-5-5"}]},
+                "advisor": {"type": "enabled", "model": {"id": "claude-opus-5-5"}}}}),
+        );
+        // Fast mode and geo rules read model configs too, so they also rule out inline agents.
+        assert_eq!(
+            refusal(
+                &rules(json!({"fast_mode": false})),
+                Family::Agents,
+                Action::Create,
+                json!({"multiagent": {"type": "multiagent_20261001", "subagents": {"type": "disabled"}}})
+            )
+            .1,
+            "policy: inline agents (multiagent.workflows) choose their own models, which the gateway cannot check against the model rules of tenant acme; send \"inline_agents\": {\"type\":\"disabled\"} in multiagent.workflows"
+        );
+    }
+
+    #[test]
+    fn execution_identity_types_and_role_arns_can_be_restricted() {
+        let r = rules(json!({"execution_identity": {
+            "allow": ["aws_role"], "role_arns": ["arn:aws:iam::111122223333:role/agents-*"]}}));
+        let good =
+            json!({"type": "aws_role", "role_arn": "arn:aws:iam::111122223333:role/agents-1"});
+        refused_everywhere(
+            &r,
+            json!({"execution_identity": {"type": "aws_role", "role_arn": "arn:aws:iam::9:role/x"}}),
+            "policy: execution_identity.role_arn arn:aws:iam::9:role/x is not allowed for tenant acme (allowed: arn:aws:iam::111122223333:role/agents-*)",
+        );
+        refused_everywhere(
+            &r,
+            json!({"execution_identity": {"type": "service_account"}}),
+            "policy: execution identity service_account is not allowed for tenant acme (allowed: aws_role)",
+        );
+        // A create without one (or with null) runs as service_account; an update or
+        // override without one keeps the agent's.
+        assert_eq!(
+            refusal(&r, Family::Agents, Action::Create, json!({"name": "a"})),
+            (
+                403,
+                "policy: execution identity service_account is not allowed for tenant acme (allowed: aws_role); an agent without execution_identity runs as service_account".into()
+            )
+        );
+        assert_eq!(
+            refusal(
+                &r,
+                Family::Agents,
+                Action::Update,
+                json!({"execution_identity": null})
+            )
+            .0,
+            403
+        );
+        passes(&r, Family::Agents, Action::Update, json!({"name": "a"}));
+        passes(
+            &r,
+            Family::Sessions,
+            Action::Create,
+            json!({"agent": {"type": "agent_with_overrides", "id": "agent_1", "system": "s"}}),
+        );
+        passes(
+            &r,
+            Family::Agents,
+            Action::Create,
+            json!({"execution_identity": good}),
+        );
+        assert_eq!(
+            refusal(
+                &r,
+                Family::Agents,
+                Action::Create,
+                json!({"execution_identity": {"type": "aws_role"}})
+            ),
+            (
+                400,
+                "policy: execution_identity.role_arn must be a string".into()
+            )
+        );
+        assert_eq!(
+            refusal(
+                &r,
+                Family::Agents,
+                Action::Create,
+                json!({"execution_identity": "x"})
+            ),
+            (400, "policy: execution_identity must be an object".into())
+        );
+        // Role patterns alone leave service accounts alone.
+        let roles_only = rules(json!({"execution_identity": {"role_arns": []}}));
+        passes(
+            &roles_only,
+            Family::Agents,
+            Action::Create,
+            json!({"name": "a"}),
+        );
+        assert_eq!(
+            refusal(&roles_only, Family::Agents, Action::Create, json!({"execution_identity": good})).1,
+            "policy: execution_identity.role_arn arn:aws:iam::111122223333:role/agents-1 is not allowed for tenant acme (allowed: none)"
+        );
+    }
+
+    #[test]
+    fn deployment_schedules_can_be_forbidden() {
+        let r = rules(json!({"deployments": {"schedules": false}}));
+        let schedule = json!({"type": "cron", "expression": "0 3 * * *", "timezone": "UTC"});
+        for action in [Action::Create, Action::Update] {
+            assert_eq!(
+                refusal(&r, Family::Deployments, action, json!({"name": "d", "schedule": schedule})),
+                (
+                    403,
+                    "policy: deployment schedules are forbidden for tenant acme (schedule); run the deployment on demand instead".into()
+                )
+            );
+            passes(&r, Family::Deployments, action, json!({"name": "d"}));
+            // `null` clears a schedule.
+            passes(&r, Family::Deployments, action, json!({"schedule": null}));
+            passes(&r, Family::Deployments, action, json!({"agent": "agent_1"}));
+        }
+        passes(
+            &rules(json!({})),
+            Family::Deployments,
+            Action::Create,
+            json!({"schedule": schedule}),
+        );
+    }
+
+    #[test]
+    fn a_deployment_budget_is_capped_like_a_session_budget_and_never_removed() {
+        // Create: absent, unreadable or higher budgets get what is left; lower ones are kept.
+        let mut body = json!({"name": "d"});
+        assert_eq!(
+            clamp_deployment_budget(&mut body, 1_234_567, true, "acme"),
+            Ok(true)
+        );
+        assert_eq!(body, json!({"name": "d", "budget": budget("123")}));
+        let mut body = json!({"budget": budget("999999")});
+        assert_eq!(
+            clamp_deployment_budget(&mut body, 1_234_567, true, "acme"),
+            Ok(true)
+        );
+        assert_eq!(body["budget"], budget("123"));
+        let mut body = json!({"budget": null});
+        assert_eq!(
+            clamp_deployment_budget(&mut body, 1_234_567, true, "acme"),
+            Ok(true)
+        );
+        assert_eq!(body["budget"], budget("123"));
+        let mut body = json!({"budget": budget("50")});
+        assert_eq!(
+            clamp_deployment_budget(&mut body, 1_234_567, true, "acme"),
+            Ok(false)
+        );
+        // Update: omitted keeps the deployment's, null is refused, others are capped.
+        let mut body = json!({"name": "d"});
+        assert_eq!(
+            clamp_deployment_budget(&mut body, 1_234_567, false, "acme"),
+            Ok(false)
+        );
+        assert_eq!(body, json!({"name": "d"}));
+        let mut body = json!({"budget": null});
+        let error = clamp_deployment_budget(&mut body, 1_234_567, false, "acme").unwrap_err();
+        assert_eq!(
+            (error.status(), error.message.as_str()),
+            (
+                403,
+                "policy: a deployment budget cannot be removed while tenant acme has a cost budget (every session it fires copies it)"
+            )
+        );
+        let mut body = json!({"budget": budget("999999")});
+        assert_eq!(
+            clamp_deployment_budget(&mut body, 1_234_567, false, "acme"),
+            Ok(true)
+        );
+        assert_eq!(body["budget"], budget("123"));
+    }
 
     fn budget(amount: &str) -> Value {
         json!({"type": "limit", "max_list_cost": {"amount": amount, "currency": "USD"}})

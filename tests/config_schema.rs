@@ -246,7 +246,13 @@ fn kitchen_sink() -> Value {
                 "environments": {"forbid_unrestricted": true, "allowed_hosts": ["*.internal.example"],
                                  "allow_package_managers": false},
                 "vaults": false,
-                "max_body_bytes": 65_536
+                "max_body_bytes": 65_536,
+                "fast_mode": false,
+                "inference_geo": {"allow": ["us", "default"], "deny": ["eu"]},
+                "multiagent": {"subagents": true, "workflows": false, "inline_agents": false},
+                "execution_identity": {"allow": ["service_account", "aws_role"],
+                                       "role_arns": ["arn:aws:iam::111122223333:role/agents-*"]},
+                "deployments": {"schedules": false}
             },
             "*": {"environments": {"forbid_unrestricted": true}}
         }},

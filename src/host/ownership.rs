@@ -147,7 +147,12 @@ impl GatewayStream {
         let clamped = op.family == Family::Sessions
             && matches!(op.action, RouteAction::Create | RouteAction::Update)
             && has_money_budget(plan, tenant);
-        (plan.isolation.enabled && owned_write) || policed || clamped
+        // Deployments (an opt-in neighbour): policy (schedule, agent overrides) and the
+        // budget every fired session copies.
+        let deployment = op.family == Family::Deployments
+            && matches!(op.action, RouteAction::Create | RouteAction::Update)
+            && (plan.policy.for_tenant(tenant).is_some() || has_money_budget(plan, tenant));
+        (plan.isolation.enabled && owned_write) || policed || clamped || deployment
     }
 
     /// Policy, budget clamp and owner tag applied to a whole request body: the body to
@@ -165,10 +170,11 @@ impl GatewayStream {
         let mut body = body;
         let mut changed = false;
         let policed = plan.policy.for_tenant(tenant).is_some();
-        let clamp = op.family == Family::Sessions
-            && matches!(op.action, RouteAction::Create | RouteAction::Update)
-            && has_money_budget(plan, tenant);
-        if policed || clamp {
+        let write = matches!(op.action, RouteAction::Create | RouteAction::Update);
+        let money = write && has_money_budget(plan, tenant);
+        let clamp = money && op.family == Family::Sessions;
+        let clamp_deployment = money && op.family == Family::Deployments;
+        if policed || clamp || clamp_deployment {
             let mut value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
                 ApiError::new(
                     ErrorKind::InvalidRequest,
@@ -178,7 +184,12 @@ impl GatewayStream {
             if policed {
                 policy::check(&plan.policy, tenant, op, &value).map_err(|e| e.because("policy"))?;
             }
-            if clamp && self.clamp_session_budget(plan, tenant, op, &mut value)? {
+            let clamped = if clamp_deployment {
+                clamp_deployment_budget(plan, tenant, op, &mut value)?
+            } else {
+                clamp && self.clamp_session_budget(plan, tenant, op, &mut value)?
+            };
+            if clamped {
                 body = serde_json::to_vec(&value).map_err(|e| {
                     ApiError::new(
                         ErrorKind::Api,
@@ -341,6 +352,25 @@ impl GatewayStream {
             }
         }
     }
+}
+
+/// Caps a deployment's `budget` (copied to every session it fires, out of the gateway's
+/// sight) at what the tenant has left now; nothing is reserved, since the deployment itself
+/// spends nothing. Limits fail open: an unreadable remainder leaves the body alone.
+fn clamp_deployment_budget(
+    plan: &Plan,
+    tenant: &str,
+    op: &Operation,
+    value: &mut serde_json::Value,
+) -> Result<bool, ApiError> {
+    let create = op.action == RouteAction::Create;
+    let Some(remaining) =
+        limits::remaining_microdollars(&SharedData, &plan.limits.budgets, tenant, now_ms() / 1000)
+    else {
+        return Ok(false);
+    };
+    policy::clamp_deployment_budget(value, remaining, create, tenant)
+        .map_err(|e| e.because("budget"))
 }
 
 /// Whether `tenant` has a money budget in any window (the session budget clamp applies).
