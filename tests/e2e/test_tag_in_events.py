@@ -79,7 +79,6 @@ def test_tag_never_shows_in_event_pages_or_streams(gw, protocol):
     assert reply.status == 200, reply
     assert reply.headers.get("content-encoding", "identity") == "identity", reply.headers
     assert b"session.status_idle" in reply.body
-    # The emulator really sent the tag: it is in its own record of the session.
     truth = gw.emulator.usage(sid)
     updated = [data for name, data in sse_events(reply.body) if name == "session.updated"]
     assert updated == [{
