@@ -124,12 +124,42 @@ pub struct ResponseMeter {
 }
 
 /// Names of stream events the scanner keeps the data of.
-const STREAM_INTEREST: [&str; 5] = [
+const STREAM_INTEREST: [&str; 6] = [
     "span.model_request_end",
     "span.outcome_evaluation_end",
     "session.usage",
     "session.error",
+    "workflow_run.error",
     "message",
+];
+
+/// `session.error` `error.type` values (2026-12 union) that become a metric label as they are;
+/// any other value is `other`, so an upstream string never grows the label set.
+const SESSION_ERROR_TYPES: [&str; 15] = [
+    "unknown_error",
+    "model_overloaded_error",
+    "model_rate_limited_error",
+    "model_request_failed_error",
+    "mcp_connection_failed_error",
+    "mcp_authentication_failed_error",
+    "billing_error",
+    "credential_host_unreachable_error",
+    "tool_use_limit_reached_error",
+    "compaction_limit_reached_error",
+    "repository_authentication_error",
+    "repository_forbidden_error",
+    "repository_not_found_error",
+    "repository_checkout_error",
+    "repository_clone_error",
+];
+
+/// `workflow_run.error` `error.type` values (2026-12); others are `other`.
+const WORKFLOW_ERROR_TYPES: [&str; 5] = [
+    "timeout_error",
+    "program_error",
+    "thread_limit_error",
+    "max_workflow_runs_error",
+    "unknown_error",
 ];
 
 impl ResponseMeter {
@@ -143,10 +173,8 @@ impl ResponseMeter {
         } else {
             match (op.family, op.action) {
                 (Family::SessionEvents | Family::SessionThreads, Action::Stream) => {
-                    debug_assert!(STREAM_INTEREST
-                        .iter()
-                        .all(|n| usage::is_usage_event(n)
-                            || matches!(*n, "session.error" | "message")));
+                    debug_assert!(STREAM_INTEREST.iter().all(|n| usage::is_usage_event(n)
+                        || matches!(*n, "session.error" | "workflow_run.error" | "message")));
                     Body::Stream(Box::new(Scanner::new(&STREAM_INTEREST, scanner)))
                 }
                 (Family::Sessions, Action::Create | Action::Read | Action::Update) => {
@@ -288,9 +316,19 @@ impl ResponseMeter {
             return;
         }
         if name == "session.error" {
+            let kind = event_error_type(data, &SESSION_ERROR_TYPES);
             out.push(add(
                 &metrics::UPSTREAM_ERRORS,
-                &[&session_error_type(data)],
+                &[&format!("session_{kind}")],
+                1,
+            ));
+            return;
+        }
+        if name == "workflow_run.error" {
+            let kind = event_error_type(data, &WORKFLOW_ERROR_TYPES);
+            out.push(add(
+                &metrics::UPSTREAM_ERRORS,
+                &[&format!("workflow_{kind}")],
                 1,
             ));
             return;
@@ -613,17 +651,23 @@ fn add(metric: &'static Metric, labels: &[&str], value: u64) -> Emission {
     )
 }
 
-/// `session.error` events carry `error.type`; label it so it cannot be confused with HTTP errors.
-fn session_error_type(data: &[u8]) -> String {
-    let kind = serde_json::from_slice::<Value>(data)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/type")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "unknown".to_string());
-    format!("session_{kind}")
+/// The `error.type` of a `session.error` / `workflow_run.error` event as a bounded label: one
+/// of `known`, `other` for any other string, `unknown` when there is none. (The caller prefixes
+/// it so it cannot be confused with HTTP error types.)
+fn event_error_type(data: &[u8], known: &[&'static str]) -> &'static str {
+    let value = serde_json::from_slice::<Value>(data).ok();
+    match value
+        .as_ref()
+        .and_then(|v| v.pointer("/error/type"))
+        .and_then(Value::as_str)
+    {
+        Some(kind) => known
+            .iter()
+            .find(|k| **k == kind)
+            .copied()
+            .unwrap_or("other"),
+        None => "unknown",
+    }
 }
 
 #[cfg(test)]
@@ -685,6 +729,43 @@ mod tests {
 
     fn usage_event(cents: u64) -> String {
         format!("event: session.usage\ndata: {{\"type\":\"session.usage\",\"usage\":{{\"input_tokens\":1000000,\"output_tokens\":0,\"cache_read_input_tokens\":0,\"cache_creation\":{{\"ephemeral_5m_input_tokens\":0,\"ephemeral_1h_input_tokens\":0}},\"list_cost\":{{\"amount\":\"{cents}\",\"currency\":\"USD\"}}}}}}\n\n")
+    }
+
+    #[test]
+    fn error_events_are_counted_with_a_bounded_label() {
+        let store = MemoryStore::new();
+        let stream = op(Family::SessionEvents, Action::Stream, None);
+        let frame = |name: &str, kind: &str| {
+            format!("event: {name}\ndata: {{\"type\":\"{name}\",\"error\":{{\"type\":\"{kind}\",\"message\":\"m\"}}}}\n\n")
+        };
+        let body = [
+            frame("session.error", "billing_error"),
+            frame("session.error", "billing_error"),
+            frame("session.error", "made_up_error_1"),
+            frame("session.error", "made_up_error_2"),
+            frame("workflow_run.error", "thread_limit_error"),
+            frame("workflow_run.error", "surprise"),
+            "event: session.error\ndata: {\"type\":\"session.error\"}\n\n".to_string(),
+            // Passed through, not errors: nothing counted.
+            "event: session.status_idle\ndata: {\"type\":\"session.status_idle\",\"stop_reason\":{\"type\":\"refusal\"},\"stop_details\":{\"type\":\"refusal\",\"category\":\"cyber\",\"explanation\":\"x\"}}\n\n".to_string(),
+            "event: workflow_run.status_ended\ndata: {\"type\":\"workflow_run.status_ended\",\"result\":{\"type\":\"error\"}}\n\n".to_string(),
+        ]
+        .concat();
+        let (out, _) = run(&store, &stream, &body);
+        let count = |label: &str| total(&out, &metrics::UPSTREAM_ERRORS, &[label]);
+        assert_eq!(count("session_billing_error"), 2);
+        assert_eq!(count("session_other"), 2);
+        assert_eq!(count("session_unknown"), 1);
+        assert_eq!(count("workflow_thread_limit_error"), 1);
+        assert_eq!(count("workflow_other"), 1);
+        let all: i64 = out
+            .iter()
+            .filter_map(|e| match e {
+                Emission::Add(m, _, v) if m.name == metrics::UPSTREAM_ERRORS.name => Some(*v),
+                _ => None,
+            })
+            .sum();
+        assert_eq!(all, 7);
     }
 
     #[test]

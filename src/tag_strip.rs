@@ -562,3 +562,467 @@ mod tests {
         assert!(compared > 4000, "{compared}");
     }
 }
+
+/// Longest field name an SSE line framer looks at (`data` is 4; longer names pass through).
+const MAX_FIELD: usize = 16;
+
+/// Where the JSON scanner of [`EventStrip`] is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Js {
+    /// Expecting a value (top level or after `:` / `[` / `,` in an array).
+    Value,
+    /// After `{` or `,` in an object: a key (or `}` right after `{`).
+    Key,
+    /// Inside a key string.
+    InKey { escape: bool },
+    /// After a key, expecting `:`.
+    Colon,
+    /// Inside a string value.
+    InStr { escape: bool },
+    /// Inside a number or literal.
+    Scalar,
+    /// After a value: `,` or a closing bracket.
+    After,
+    /// Not JSON this scanner understands: the rest of the document passes through as is.
+    Opaque,
+}
+
+/// One open container.
+#[derive(Clone, Copy, Debug)]
+struct Frame {
+    object: bool,
+    /// An object that is the value of a `metadata` key: its tag members go.
+    metadata: bool,
+    /// Members of this object written out so far (a dropped first member drops the comma after).
+    written: usize,
+}
+
+/// Removes every `"<tag_key>": <value>` member of `metadata` objects from a JSON document or
+/// from the `data:` lines of an SSE stream, incrementally: bytes go in as they arrive and come
+/// out in order, minus the tag members (and the comma that separated each), with at most a
+/// separator and a key's first `tag_key.len() + 1` bytes held back between calls. Everything
+/// else is kept byte for byte. Nothing is buffered beyond that, so pages and streams of any
+/// size flow through. Keys with escapes are compared as written (the gateway writes the tag,
+/// and JSON encoders do not escape ASCII letters or `_`).
+#[derive(Debug)]
+pub struct EventStrip {
+    sse: bool,
+    tag: Vec<u8>,
+    // SSE framing.
+    line_start: bool,
+    field: Vec<u8>,
+    /// In a `data:` line, past the field name (JSON bytes).
+    in_data: bool,
+    /// In a non-data line (passes through).
+    in_other: bool,
+    after_cr: bool,
+    // JSON scanning.
+    state: Js,
+    stack: Vec<Frame>,
+    /// Bytes held back (separator and key prefix) until the key is known.
+    held: Vec<u8>,
+    /// The key being read (at most `max(tag, "metadata") + 1` bytes of it).
+    key: Vec<u8>,
+    /// Whether the current key's bytes are being held (inside a metadata object).
+    holding: bool,
+    /// The last complete key read, as far as `key` kept it.
+    last_key_metadata: bool,
+    /// The depth (stack length) at which a dropped member's value started, while dropping.
+    dropping: Option<usize>,
+    /// A dropped first member: the comma after it goes too.
+    drop_comma: bool,
+    /// Tag members removed so far.
+    pub removed: u64,
+}
+
+impl EventStrip {
+    /// The remover for the response body of `op` when it is an event page or stream
+    /// (which are never buffered, so never rewritten whole); `None` for every other call.
+    pub fn for_operation(op: &crate::routes::Operation, tag_key: &str) -> Option<Self> {
+        use crate::routes::{Action, Family, IdKind};
+        let thread_events = op.family == Family::SessionThreads && op.id(IdKind::Thread).is_some();
+        match (op.family, op.action) {
+            (Family::SessionEvents, Action::Stream) => Some(Self::sse(tag_key)),
+            (Family::SessionThreads, Action::Stream) if thread_events => Some(Self::sse(tag_key)),
+            (Family::SessionEvents, Action::List) => Some(Self::json(tag_key)),
+            (Family::SessionThreads, Action::List) if thread_events => Some(Self::json(tag_key)),
+            _ => None,
+        }
+    }
+
+    /// A remover for a JSON document (an event page).
+    pub fn json(tag_key: &str) -> Self {
+        Self::new(tag_key, false)
+    }
+
+    /// A remover for an SSE stream (only `data:` lines are JSON).
+    pub fn sse(tag_key: &str) -> Self {
+        Self::new(tag_key, true)
+    }
+
+    fn new(tag_key: &str, sse: bool) -> Self {
+        EventStrip {
+            sse,
+            tag: tag_key.as_bytes().to_vec(),
+            line_start: true,
+            field: Vec::new(),
+            in_data: false,
+            in_other: false,
+            after_cr: false,
+            state: Js::Value,
+            stack: Vec::new(),
+            held: Vec::new(),
+            key: Vec::new(),
+            holding: false,
+            last_key_metadata: false,
+            dropping: None,
+            drop_comma: false,
+            removed: 0,
+        }
+    }
+
+    /// Feeds `input`; appends what can be passed on to `out`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        for &b in input {
+            if self.sse {
+                self.sse_byte(b, out);
+            } else {
+                self.json_byte(b, out);
+            }
+        }
+    }
+
+    /// The end of the body: whatever is still held back goes out.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.field);
+        self.release(out);
+    }
+
+    fn release(&mut self, out: &mut Vec<u8>) {
+        if self.dropping.is_none() {
+            out.append(&mut self.held);
+        }
+        self.held.clear();
+        self.holding = false;
+    }
+
+    fn reset_json(&mut self) {
+        self.state = Js::Value;
+        self.stack.clear();
+        self.key.clear();
+        self.holding = false;
+        self.dropping = None;
+        self.drop_comma = false;
+    }
+
+    fn sse_byte(&mut self, b: u8, out: &mut Vec<u8>) {
+        if b == b'\n' && self.after_cr {
+            self.after_cr = false;
+            out.push(b);
+            return;
+        }
+        self.after_cr = b == b'\r';
+        if b == b'\n' || b == b'\r' {
+            if self.line_start && self.field.is_empty() && !self.in_data && !self.in_other {
+                // A blank line ends the event: its JSON is complete.
+                self.release(out);
+                self.reset_json();
+            } else if self.in_data {
+                // A key cut by a line end is not the tag; a value continues on the next line.
+                self.release(out);
+            } else {
+                out.append(&mut self.field);
+            }
+            out.push(b);
+            self.line_start = true;
+            self.in_data = false;
+            self.in_other = false;
+            return;
+        }
+        if self.in_data {
+            if self.line_start {
+                self.line_start = false;
+                if b == b' ' {
+                    out.push(b);
+                    return;
+                }
+            }
+            self.json_byte(b, out);
+            return;
+        }
+        if self.in_other {
+            out.push(b);
+            return;
+        }
+        if b == b':' {
+            let data = self.field == b"data";
+            out.append(&mut self.field);
+            out.push(b);
+            if data {
+                self.in_data = true;
+                self.line_start = true; // the optional space after the colon
+            } else {
+                self.in_other = true;
+                self.line_start = false;
+            }
+            return;
+        }
+        self.line_start = false;
+        self.field.push(b);
+        if self.field.len() > MAX_FIELD {
+            out.append(&mut self.field);
+            self.in_other = true;
+        }
+    }
+
+    fn emit(&mut self, b: u8, out: &mut Vec<u8>) {
+        if self.dropping.is_some() {
+            return;
+        }
+        if self.holding {
+            self.held.push(b);
+        } else {
+            out.push(b);
+        }
+    }
+
+    fn in_metadata(&self) -> bool {
+        self.stack.last().is_some_and(|f| f.object && f.metadata)
+    }
+
+    /// A value just ended (at the current depth).
+    fn value_done(&mut self) {
+        self.state = Js::After;
+        if self.dropping == Some(self.stack.len()) {
+            self.dropping = None;
+            self.removed += 1;
+            let first = self.stack.last().is_some_and(|f| f.written == 0);
+            self.drop_comma = first;
+        }
+    }
+
+    fn json_byte(&mut self, b: u8, out: &mut Vec<u8>) {
+        let ws = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+        match self.state {
+            Js::Opaque => out.push(b),
+            Js::InStr { escape } => {
+                self.emit(b, out);
+                self.state = match (escape, b) {
+                    (true, _) => Js::InStr { escape: false },
+                    (false, b'\\') => Js::InStr { escape: true },
+                    (false, b'"') => {
+                        self.value_done();
+                        return;
+                    }
+                    _ => Js::InStr { escape: false },
+                };
+            }
+            Js::InKey { escape } => {
+                if !escape && b == b'"' {
+                    let is_tag = self.in_metadata() && self.key == self.tag;
+                    self.last_key_metadata = self.key == b"metadata";
+                    if is_tag {
+                        self.held.clear();
+                        self.holding = false;
+                        self.dropping = Some(self.stack.len());
+                    } else {
+                        self.emit(b, out);
+                        self.release(out);
+                        if let Some(f) = self.stack.last_mut() {
+                            f.written += 1;
+                        }
+                    }
+                    self.state = Js::Colon;
+                    return;
+                }
+                self.emit(b, out);
+                if self.key.len() <= self.tag.len().max(8) {
+                    self.key.push(b);
+                }
+                if self.holding && self.key.len() > self.tag.len() {
+                    self.release(out);
+                }
+                self.state = Js::InKey {
+                    escape: !escape && b == b'\\',
+                };
+            }
+            Js::Scalar => {
+                if ws || matches!(b, b',' | b'}' | b']') {
+                    self.value_done();
+                    self.json_byte(b, out);
+                } else {
+                    self.emit(b, out);
+                }
+            }
+            _ if ws => {
+                if !self.holding {
+                    self.emit(b, out);
+                }
+            }
+            Js::Key => match b {
+                b'"' => {
+                    self.key.clear();
+                    if self.in_metadata() {
+                        self.holding = true;
+                    }
+                    self.emit(b, out);
+                    self.state = Js::InKey { escape: false };
+                }
+                b'}' if self.stack.last().is_some_and(|f| f.written == 0) => {
+                    self.release(out);
+                    self.close(b, out);
+                }
+                _ => self.opaque(b, out),
+            },
+            Js::Colon => {
+                if b == b':' {
+                    self.emit(b, out);
+                    self.state = Js::Value;
+                } else {
+                    self.opaque(b, out);
+                }
+            }
+            Js::Value => {
+                let metadata = std::mem::take(&mut self.last_key_metadata)
+                    && self.stack.last().is_some_and(|f| f.object);
+                match b {
+                    b'{' | b'[' => {
+                        self.emit(b, out);
+                        self.stack.push(Frame {
+                            object: b == b'{',
+                            metadata: metadata && b == b'{',
+                            written: 0,
+                        });
+                        if self.stack.len() > MAX_DEPTH {
+                            self.opaque(b' ', out);
+                            out.pop();
+                            return;
+                        }
+                        self.state = if b == b'{' { Js::Key } else { Js::Value };
+                    }
+                    b']' if self.stack.last().is_some_and(|f| !f.object) => self.close(b, out),
+                    b'"' => {
+                        self.emit(b, out);
+                        self.state = Js::InStr { escape: false };
+                    }
+                    _ => {
+                        self.emit(b, out);
+                        self.state = Js::Scalar;
+                    }
+                }
+            }
+            Js::After => match b {
+                b',' => {
+                    let object = self.stack.last().is_some_and(|f| f.object);
+                    if std::mem::take(&mut self.drop_comma) {
+                        // The member before was dropped and was the first: so goes its comma.
+                    } else if object && self.in_metadata() {
+                        self.holding = true;
+                        self.held.push(b);
+                    } else {
+                        self.emit(b, out);
+                    }
+                    self.state = if object { Js::Key } else { Js::Value };
+                }
+                b'}' | b']' => {
+                    self.drop_comma = false;
+                    self.release(out);
+                    self.close(b, out);
+                }
+                _ => self.opaque(b, out),
+            },
+        }
+    }
+
+    fn close(&mut self, b: u8, out: &mut Vec<u8>) {
+        let matches = self.stack.last().is_some_and(|f| f.object == (b == b'}'));
+        if !matches {
+            self.opaque(b, out);
+            return;
+        }
+        self.emit(b, out);
+        self.stack.pop();
+        self.value_done();
+        if self.stack.is_empty() {
+            self.state = Js::Value;
+        }
+    }
+
+    /// Gives up on this document: what is held and what follows pass through unchanged.
+    fn opaque(&mut self, b: u8, out: &mut Vec<u8>) {
+        self.dropping = None;
+        self.release(out);
+        out.push(b);
+        self.state = Js::Opaque;
+    }
+}
+
+#[cfg(test)]
+mod event_strip_tests {
+    use super::EventStrip;
+
+    const TAG: &str = "ma_gateway_tenant";
+
+    /// Runs `input` through a fresh remover in pieces of every size from 1 to 7 bytes; every
+    /// split must give the same output.
+    fn run(sse: bool, input: &str) -> String {
+        let mut outputs = Vec::new();
+        for piece in 1..=7 {
+            let mut strip = if sse {
+                EventStrip::sse(TAG)
+            } else {
+                EventStrip::json(TAG)
+            };
+            let mut out = Vec::new();
+            for chunk in input.as_bytes().chunks(piece) {
+                strip.push(chunk, &mut out);
+            }
+            strip.finish(&mut out);
+            outputs.push(String::from_utf8(out).unwrap());
+        }
+        assert!(outputs.windows(2).all(|w| w[0] == w[1]), "{outputs:?}");
+        outputs.remove(0)
+    }
+
+    #[test]
+    fn removes_tag_members_in_any_position() {
+        let page = r#"{"data":[{"type":"session.updated","metadata":{"a":"1","ma_gateway_tenant":"acme","b":"2"},"agent":{"metadata":{"ma_gateway_tenant":"acme"}}},{"metadata":{"ma_gateway_tenant":"acme", "z":"x"}}],"next_page":null}"#;
+        let want = r#"{"data":[{"type":"session.updated","metadata":{"a":"1","b":"2"},"agent":{"metadata":{}}},{"metadata":{ "z":"x"}}],"next_page":null}"#;
+        assert_eq!(run(false, page), want);
+        serde_json::from_str::<serde_json::Value>(want).unwrap();
+    }
+
+    #[test]
+    fn keeps_everything_else_byte_for_byte() {
+        for doc in [
+            r#"{"ma_gateway_tenant":"top level is not metadata","metadata":{"ma_gateway_tenants":"longer key","ma_gateway_tenan":"shorter"}}"#,
+            r#"{"x":{"ma_gateway_tenant":"not metadata"},"s":"metadata\"{\"ma_gateway_tenant\":1}","n":[1,2.5e3,true,null,[],{}]}"#,
+            "not json {\"metadata\":{\"ma_gateway_tenant\":\"x\"}",
+        ] {
+            assert_eq!(run(false, doc), doc);
+        }
+    }
+
+    #[test]
+    fn strips_sse_data_lines_only() {
+        let stream = concat!(
+            ": keep-alive\n",
+            "event: session.updated\r\n",
+            "data: {\"metadata\":{\"ma_gateway_tenant\":\"acme\",\"k\":\"v\"}}\r\n\r\n",
+            "event: ping\ndata: {}\n\n",
+            "id: 5\nretry: 10\n",
+            "data:{\"metadata\":{\"k\":[1],\"ma_gateway_tenant\":{\"nested\":\"too\"}}}\n\n",
+            "data: {\"metadata\":{\"ma_gateway_tenant\":\"acme\"}}\n\n",
+        );
+        let want = concat!(
+            ": keep-alive\n",
+            "event: session.updated\r\n",
+            "data: {\"metadata\":{\"k\":\"v\"}}\r\n\r\n",
+            "event: ping\ndata: {}\n\n",
+            "id: 5\nretry: 10\n",
+            "data:{\"metadata\":{\"k\":[1]}}\n\n",
+            "data: {\"metadata\":{}}\n\n",
+        );
+        assert_eq!(run(true, stream), want);
+    }
+}

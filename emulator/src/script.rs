@@ -291,6 +291,33 @@ pub enum TurnKind {
     Large { events: u32, kib: u32 },
     /// One ordinary model request, then a fault on the streams.
     Fault(FaultTurn),
+    /// `emulator:events-2026-12`: an ordinary reply, then one event of every type new in the
+    /// 2026-12 union ([`EVENTS_2026_12`]), and an idle with `stop_reason: refusal`.
+    Events2026,
+}
+
+const EVENTS_PREFIX: &str = "emulator:events-2026-12";
+
+/// What `emulator:events-2026-12` emits after its reply (ids and timestamps are added).
+pub fn events_2026_12() -> Vec<Value> {
+    vec![
+        json!({"type": "workflow_run.created", "workflow_run_id": "wfrun_1", "name": "review",
+               "description": "two phases", "phases": [{"id": "wfph_1", "name": "plan", "description": null}]}),
+        json!({"type": "workflow_run.status_running", "workflow_run_id": "wfrun_1"}),
+        json!({"type": "workflow_run.phase_started", "workflow_run_id": "wfrun_1", "workflow_run_phase_id": "wfph_1"}),
+        json!({"type": "span.outcome_evaluation_ongoing", "outcome_evaluation_start_id": "sevt_x", "iteration": 1}),
+        json!({"type": "workflow_run.phase_ended", "workflow_run_id": "wfrun_1", "phase_started_id": "sevt_y",
+               "workflow_run_phase_id": "wfph_1"}),
+        json!({"type": "workflow_run.status_idle", "workflow_run_id": "wfrun_1"}),
+        json!({"type": "workflow_run.error", "workflow_run_id": null,
+               "error": {"type": "thread_limit_error", "message": "too many threads"}}),
+        json!({"type": "workflow_run.status_ended", "workflow_run_id": "wfrun_1", "result": {"type": "error"}}),
+        json!({"type": "system.message", "content": [{"type": "text", "text": "note from the system"}]}),
+        json!({"type": "session.thread_status_rescheduled", "session_thread_id": "sthr_x"}),
+        json!({"type": "session.status_rescheduled"}),
+        json!({"type": "session.error", "error": {"type": "billing_error", "message": "card declined",
+               "retry_status": {"type": "terminal"}}}),
+    ]
 }
 
 /// Chooses the script for a user message.
@@ -303,6 +330,9 @@ pub fn classify(text: &str) -> TurnKind {
     }
     if let Some(fault) = fault_turn(text) {
         return TurnKind::Fault(fault);
+    }
+    if text.split_whitespace().any(|w| w == EVENTS_PREFIX) {
+        return TurnKind::Events2026;
     }
     TurnKind::Reply {
         tool: mentions_tool(text),
@@ -504,7 +534,15 @@ impl Turn<'_> {
             s.set_status(sid, "running");
             s.emit(sid, json!({"type": "session.status_running"}))
         })?;
-        match classify(&turn.text) {
+        let kind = classify(&turn.text);
+        match kind {
+            TurnKind::Events2026 => {
+                self.reply(&turn.text, index, false)?;
+                for event in events_2026_12() {
+                    self.pause();
+                    self.emit(event)?;
+                }
+            }
             TurnKind::Ticker(n) => self.ticker(&turn.text, index, n)?,
             TurnKind::Reply { tool } => self.reply(&turn.text, index, tool)?,
             TurnKind::Large { events, kib } => self.large(&turn.text, index, events, kib)?,
@@ -518,10 +556,13 @@ impl Turn<'_> {
         self.pause();
         self.with_store(|s| {
             s.set_status(sid, "idle");
-            s.emit(
-                sid,
-                json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}}),
-            )
+            let idle = if kind == TurnKind::Events2026 {
+                json!({"type": "session.status_idle", "stop_reason": {"type": "refusal"},
+                       "stop_details": {"type": "refusal", "category": "cyber", "explanation": "declined"}})
+            } else {
+                json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}})
+            };
+            s.emit(sid, idle)
         })?;
         Ok(())
     }
@@ -984,6 +1025,11 @@ mod tests {
         );
         assert_eq!(classify("toolbox tools"), TurnKind::Reply { tool: false });
         assert_eq!(classify("emulator:ticker 3"), TurnKind::Ticker(3));
+        assert_eq!(classify("go emulator:events-2026-12"), TurnKind::Events2026);
+        assert_eq!(
+            classify("emulator:events-2026-123"),
+            TurnKind::Reply { tool: false }
+        );
         assert_eq!(
             classify("  emulator:ticker 5000 now"),
             TurnKind::Ticker(600)

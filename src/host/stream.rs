@@ -110,6 +110,8 @@ pub struct GatewayStream {
     pub(super) meter: Option<ResponseMeter>,
     /// The response is JSON of owned resources: buffered, tag stripped, list filtered.
     pub(super) rewrite_response: bool,
+    /// Event pages and streams: the owner tag removed chunk by chunk as they flow.
+    pub(super) event_strip: Option<crate::tag_strip::EventStrip>,
     pub(super) stream_open: bool,
     pub(super) first_event_recorded: bool,
 }
@@ -136,6 +138,7 @@ impl GatewayStream {
             pending: HashMap::new(),
             meter: None,
             rewrite_response: false,
+            event_strip: None,
             stream_open: false,
             first_event_recorded: false,
         }
@@ -384,6 +387,42 @@ impl GatewayStream {
                     self.context_id
                 );
             }
+        }
+    }
+}
+
+impl GatewayStream {
+    /// Removes the owner tag from this chunk of an event page or stream and passes the rest
+    /// on at once (the chunk is replaced in place; nothing is held beyond a key's prefix).
+    fn strip_events(&mut self, body_size: usize, end_of_stream: bool) {
+        let Some(strip) = self.event_strip.as_mut() else {
+            return;
+        };
+        let mut out = Vec::with_capacity(body_size);
+        let mut offset = 0;
+        while offset < body_size {
+            let len = (body_size - offset).min(READ_SLICE_BYTES);
+            match hostcalls::get_buffer(BufferType::HttpResponseBody, offset, len) {
+                Ok(bytes) => strip.push(&bytes.unwrap_or_default(), &mut out),
+                Err(status) => {
+                    log::error!(
+                        "#{} cannot read events to strip: {status:?}",
+                        self.context_id
+                    );
+                    return;
+                }
+            }
+            offset += len;
+        }
+        if end_of_stream {
+            strip.finish(&mut out);
+        }
+        if let Err(status) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out)
+        {
+            log::error!(
+                "#{} cannot replace an events chunk: {status:?}",
+                self.context_id
+            );
         }
     }
 }
@@ -644,7 +683,16 @@ impl HttpContext for GatewayStream {
             && (200..300).contains(&status)
             && !end_of_stream
             && Self::rewrites(&admitted.operation);
-        if (rewrite || meter.wants_body()) && !end_of_stream {
+        let event_strip =
+            (plan.isolation.enabled && (200..300).contains(&status) && !end_of_stream)
+                .then(|| {
+                    crate::tag_strip::EventStrip::for_operation(
+                        &admitted.operation,
+                        &plan.isolation.tag_key,
+                    )
+                })
+                .flatten();
+        if (rewrite || event_strip.is_some() || meter.wants_body()) && !end_of_stream {
             // The gateway asked for identity; bytes it cannot read are never passed on unread
             // (metering would count 0, the owner tag would leak).
             let coding = hostcalls::get_map_value(MapType::HttpResponseHeaders, "content-encoding")
@@ -682,7 +730,8 @@ impl HttpContext for GatewayStream {
         }
         self.rewrite_response = rewrite;
         self.meter = meter.wants_body().then_some(meter);
-        if self.rewrite_response {
+        self.event_strip = event_strip;
+        if self.rewrite_response || self.event_strip.is_some() {
             // The body will change length. (The headers cannot be held: proxy-wasm would stop
             // the body too; the body is buffered and rewritten in the body callback.)
             if let Err(status) =
@@ -711,6 +760,7 @@ impl HttpContext for GatewayStream {
         self.meter_body(BufferType::HttpResponseBody, body_size, end_of_stream);
         self.charge_budgets();
         self.renew_stream_slots();
+        self.strip_events(body_size, end_of_stream);
         // Never hold the body back: streams flow as they arrive.
         Action::Continue
     }

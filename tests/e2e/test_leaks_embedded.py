@@ -1,7 +1,7 @@
 """The owner tag never shows inside objects that embed owned resources: session threads (their
 `agent` snapshot carries the agent's `metadata`: list, read, archive), session resources and
-environment work items, beside the owned objects themselves. (Event pages and streams are not
-buffered, so they are not rewritten; the emulator's events embed no `metadata`.)"""
+environment work items, beside the owned objects themselves. (Event pages and streams are
+stripped as they flow: tests/e2e/test_tag_in_events.py.)"""
 
 from __future__ import annotations
 

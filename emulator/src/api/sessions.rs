@@ -418,6 +418,8 @@ pub(super) fn update_session(app: &App, req: &Request, id: &str) -> ApiResult {
         .sessions
         .get_mut(id)
         .ok_or_else(|| session_not_found(id))?;
+    let (title_changed, metadata_changed) = (title.is_some(), metadata.is_some());
+    let budget_changed = body.contains_key("budget");
     if let Some(title) = title {
         session.title = title;
     }
@@ -427,10 +429,28 @@ pub(super) fn update_session(app: &App, req: &Request, id: &str) -> ApiResult {
     if let Some(budget) = body.get("budget") {
         session.budget = budget.clone();
     }
+    let agent_changed = !agent_patch.is_empty();
     for (k, v) in agent_patch {
         session.agent[k.as_str()] = v;
     }
     session.updated_at = now_rfc3339();
+    // `session.updated` carries only the changed fields (the full agent snapshot, with its
+    // `metadata`, when tools or MCP servers changed).
+    let mut changed = Map::new();
+    changed.insert("type".into(), json!("session.updated"));
+    if title_changed {
+        changed.insert("title".into(), session.title.clone());
+    }
+    if metadata_changed {
+        changed.insert("metadata".into(), session.metadata.clone());
+    }
+    if budget_changed {
+        changed.insert("budget".into(), session.budget.clone());
+    }
+    if agent_changed {
+        changed.insert("agent".into(), session.agent.clone());
+    }
+    store.emit(id, Value::Object(changed));
     let store = &*store;
     let session = store
         .sessions
