@@ -790,7 +790,7 @@ fn routes(d: &Plan) -> Value {
             (
                 "neighbours",
                 json!({
-                    "description": "neighbouring APIs to route as well: `files`, `skills` and `user_profiles` (GA: no `anthropic-beta` required or added), `memory_stores` (includes memories and memory versions), `deployments` (includes `deployment_runs`), `dreams`, `tunnels` (includes certificates)",
+                    "description": "neighbouring APIs to route as well: `files`, `skills`, `memory_stores`, `deployments` (includes `deployment_runs`), `dreams`, `tunnels` (includes certificates), `user_profiles`; `memory_stores` includes memories and memory versions; `files`, `skills` and `user_profiles` are GA (no `anthropic-beta` required or added)",
                     "type": "array",
                     "items": { "type": "string", "enum": names },
                     "default": defaults,

@@ -183,3 +183,20 @@ def test_work_queue_verbs_are_owner_checked_by_environment(isolated, emulator):
     emulator.clear_requests()
     assert [isolated.call(m, p, key=BOB, body=b).status for m, p, b in calls] == [404] * len(calls)
     assert emulator.requests() == []
+
+
+def test_session_resources_current_shapes(gateway):
+    agent = gateway.ok("POST", "/v1/agents", body={"name": "res", "model": "claude-sonnet-4-6"})
+    env = gateway.ok("POST", "/v1/environments", body={
+        "name": "res", "config": {"type": "cloud", "networking": {"type": "unrestricted"}}})
+    sid = gateway.ok("POST", "/v1/sessions", body={"agent": agent["id"], "environment_id": env["id"], "resources": [
+        {"type": "github_repository", "url": "https://github.com/o/r", "authorization_token": "ghp_shape_0001"}]})["id"]
+    added = gateway.ok("POST", f"/v1/sessions/{sid}/resources", body={
+        "type": "file", "file_id": "file_1", "mount_path": "/mnt/data/a.csv"})
+    assert added["type"] == "file"
+    listed = gateway.ok("GET", f"/v1/sessions/{sid}/resources")["data"]
+    repo = next(r for r in listed if r["type"] == "github_repository")
+    assert "ghp_shape_0001" not in str(listed)
+    gateway.ok("POST", f"/v1/sessions/{sid}/resources/{repo['id']}", body={"authorization_token": "ghp_shape_0002"})
+    assert gateway.ok("GET", f"/v1/sessions/{sid}/resources/{added['id']}")["id"] == added["id"]
+    assert gateway.ok("DELETE", f"/v1/sessions/{sid}/resources/{added['id']}")["id"] == added["id"]
