@@ -212,6 +212,11 @@ fn kind_name(kind: IdKind) -> &'static str {
         IdKind::Memory => "memory",
         IdKind::Deployment => "deployment",
         IdKind::DeploymentRun => "deployment_run",
+        IdKind::MemoryVersion => "memory_version",
+        IdKind::Dream => "dream",
+        IdKind::Tunnel => "tunnel",
+        IdKind::TunnelCertificate => "tunnel_certificate",
+        IdKind::UserProfile => "user_profile",
     }
 }
 

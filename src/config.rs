@@ -361,6 +361,11 @@ fn parse_betas(obj: Option<Obj>) -> Result<Betas, ConfigError> {
             "files-api-2025-04-14",
             "skills-2025-10-02",
             "agent-memory-2026-07-22",
+            "dreaming-2026-04-21",
+            "mcp-tunnels-2026-06-22",
+            "user-profiles-2026-08-18",
+            "user-profiles-2026-09-04",
+            "google-managed-data-controls-2026-09-01",
         ]
         .map(String::from)
         .to_vec(),
@@ -927,7 +932,7 @@ mod tests {
         assert_eq!(plan.upstream.credential_env, "ANTHROPIC_API_KEY");
         assert_eq!(plan.upstream.anthropic_version, "2023-06-01");
         assert_eq!(plan.betas.required, vec![MANAGED_AGENTS_BETA.to_string()]);
-        assert_eq!(plan.betas.allowed.len(), 4);
+        assert_eq!(plan.betas.allowed.len(), 9);
         assert_eq!(plan.routes, RouteRules::default());
         assert!(plan.gateway_keys.is_empty());
     }

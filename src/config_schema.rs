@@ -878,7 +878,7 @@ fn routes(d: &Plan) -> Value {
             (
                 "neighbours",
                 json!({
-                    "description": "neighbouring APIs to route as well: `files`, `skills`, `memory_stores`, `deployments` (includes `deployment_runs`)",
+                    "description": "neighbouring APIs to route as well: `files`, `skills`, `memory_stores`, `deployments` (includes `deployment_runs`), `dreams`, `tunnels` (includes certificates), `user_profiles`; `memory_stores` includes memories and memory versions; `files`, `skills` and `user_profiles` are GA (no `anthropic-beta` required or added)",
                     "type": "array",
                     "items": { "type": "string", "enum": names },
                     "default": defaults,

@@ -154,7 +154,7 @@ fn forward(
             format!("the gateway has no upstream credential {credential:?} ({hint}); nothing was forwarded"),
         )
     })?;
-    let edits = rewrite_request(plan, head.headers, &key)?;
+    let edits = rewrite_request(plan, head.headers, &key, operation.family)?;
     Ok((credential, edits))
 }
 

@@ -4,13 +4,15 @@
 //! then all sets) that the glue applies verbatim. Client credentials and hop-by-hop headers are
 //! removed; `anthropic-version` is set only when absent (a client's own is never downgraded);
 //! `anthropic-beta` is merged into one comma-separated value that always contains the required
-//! betas, and any beta outside the allowlist is refused; `accept-encoding` becomes `identity`
+//! betas (except on the GA families — Files, Skills, User Profiles — where the SDKs send none
+//! and the gateway adds none), and any beta outside the allowlist is refused; `accept-encoding` becomes `identity`
 //! (the gateway reads response bodies: [`crate::content_coding`]); `:authority` and the
 //! upstream key are set last, so nothing the client sent can override them.
 
 use crate::config::Plan;
 use crate::content_coding::UPSTREAM_ACCEPT_ENCODING;
 use crate::errors::{excerpt, ApiError, ErrorKind};
+use crate::routes::Family;
 
 /// Headers that carry a client's credentials: never forwarded.
 pub const CREDENTIAL_HEADERS: [&str; 4] = [
@@ -48,11 +50,13 @@ pub enum HeaderEdit {
     Set(String, String),
 }
 
-/// Computes the edits for one request. `credential` is the upstream key read from shared data.
+/// Computes the edits for one request. `credential` is the upstream key read from shared data;
+/// `family` is the classified call's (GA families get no required beta).
 pub fn rewrite_request(
     plan: &Plan,
     headers: &[(String, String)],
     credential: &str,
+    family: Family,
 ) -> Result<Vec<HeaderEdit>, ApiError> {
     let mut removals: Vec<String> = Vec::new();
     let mut remove = |name: &str| {
@@ -88,11 +92,14 @@ pub fn rewrite_request(
         }
     }
 
-    let merged = merge_betas(plan, &betas)?;
+    let merged = merge_betas(plan, &betas, !family.is_ga())?;
     let mut edits: Vec<HeaderEdit> = removals.into_iter().map(HeaderEdit::Remove).collect();
-    // Replace every client copy of the beta header by the single merged value.
+    // Replace every client copy of the beta header by the single merged value (none at all
+    // on a GA call that named none: an empty header is not "no beta").
     edits.push(HeaderEdit::Remove("anthropic-beta".into()));
-    edits.push(HeaderEdit::Set("anthropic-beta".into(), merged));
+    if !merged.is_empty() {
+        edits.push(HeaderEdit::Set("anthropic-beta".into(), merged));
+    }
     // Every client copy of the offer (the SDKs send `gzip, deflate` or more) is replaced: the
     // upstream compresses whatever is offered, and the gateway must read what it answers.
     edits.push(HeaderEdit::Remove("accept-encoding".into()));
@@ -114,8 +121,9 @@ pub fn rewrite_request(
     Ok(edits)
 }
 
-/// Client betas first (their order kept), then any required beta they lacked.
-fn merge_betas(plan: &Plan, client: &[&str]) -> Result<String, ApiError> {
+/// Client betas first (their order kept), then any required beta they lacked (when
+/// `add_required`; GA calls get only what the client named, still checked against the list).
+fn merge_betas(plan: &Plan, client: &[&str], add_required: bool) -> Result<String, ApiError> {
     if client.len() > MAX_BETAS {
         return Err(ApiError::new(
             ErrorKind::InvalidRequest,
@@ -137,7 +145,12 @@ fn merge_betas(plan: &Plan, client: &[&str]) -> Result<String, ApiError> {
         ));
     }
     let mut merged: Vec<&str> = client.to_vec();
-    for required in &plan.betas.required {
+    let required = if add_required {
+        plan.betas.required.as_slice()
+    } else {
+        &[]
+    };
+    for required in required {
         if !merged.contains(&required.as_str()) {
             merged.push(required);
         }
@@ -195,6 +208,7 @@ mod tests {
                 ("anthropic-beta", MANAGED_AGENTS_BETA),
             ]),
             "sk-upstream",
+            Family::Sessions,
         )
         .unwrap();
         assert_eq!(
@@ -227,7 +241,7 @@ mod tests {
             ],
             vec![],
         ] {
-            let edits = rewrite_request(&plan(), &h(&offers), "sk").unwrap();
+            let edits = rewrite_request(&plan(), &h(&offers), "sk", Family::Sessions).unwrap();
             let set: Vec<_> = edits
                 .iter()
                 .filter(|e| matches!(e, HeaderEdit::Set(n, _) if n == "accept-encoding"))
@@ -254,10 +268,16 @@ mod tests {
 
     #[test]
     fn version_is_only_set_when_absent() {
-        let edits = rewrite_request(&plan(), &h(&[("x-api-key", "gw")]), "sk").unwrap();
-        assert_eq!(set_value(&edits, "anthropic-version"), Some("2023-06-01"));
         let edits =
-            rewrite_request(&plan(), &h(&[("anthropic-version", "2026-10-21")]), "sk").unwrap();
+            rewrite_request(&plan(), &h(&[("x-api-key", "gw")]), "sk", Family::Sessions).unwrap();
+        assert_eq!(set_value(&edits, "anthropic-version"), Some("2023-06-01"));
+        let edits = rewrite_request(
+            &plan(),
+            &h(&[("anthropic-version", "2026-10-21")]),
+            "sk",
+            Family::Sessions,
+        )
+        .unwrap();
         assert_eq!(set_value(&edits, "anthropic-version"), None);
     }
 
@@ -281,6 +301,7 @@ mod tests {
                 ("x-unrelated", "kept"),
             ]),
             "sk",
+            Family::Sessions,
         )
         .unwrap();
         assert_eq!(
@@ -315,13 +336,14 @@ mod tests {
                 ("anthropic-beta", "files-api-2025-04-14"),
             ]),
             "sk",
+            Family::Sessions,
         )
         .unwrap();
         assert_eq!(
             set_value(&edits, "anthropic-beta"),
             Some("files-api-2025-04-14,skills-2025-10-02,managed-agents-2026-04-01")
         );
-        let edits = rewrite_request(&plan(), &h(&[]), "sk").unwrap();
+        let edits = rewrite_request(&plan(), &h(&[]), "sk", Family::Sessions).unwrap();
         assert_eq!(
             set_value(&edits, "anthropic-beta"),
             Some(MANAGED_AGENTS_BETA)
@@ -337,20 +359,54 @@ mod tests {
                 "managed-agents-2026-04-01,computer-use-2025-01-24",
             )]),
             "sk",
+            Family::Sessions,
         )
         .unwrap_err();
         assert_eq!(err.status(), 400);
         assert_eq!(
             err.message,
-            "anthropic-beta \"computer-use-2025-01-24\" is not allowed by this gateway; allowed: managed-agents-2026-04-01, files-api-2025-04-14, skills-2025-10-02, agent-memory-2026-07-22"
+            "anthropic-beta \"computer-use-2025-01-24\" is not allowed by this gateway; allowed: managed-agents-2026-04-01, files-api-2025-04-14, skills-2025-10-02, agent-memory-2026-07-22, dreaming-2026-04-21, mcp-tunnels-2026-06-22, user-profiles-2026-08-18, user-profiles-2026-09-04, google-managed-data-controls-2026-09-01"
         );
         let many: Vec<String> = (0..=MAX_BETAS)
             .map(|i| format!("files-api-2025-04-14-{i}"))
             .collect();
-        let err =
-            rewrite_request(&plan(), &h(&[("anthropic-beta", &many.join(","))]), "sk").unwrap_err();
+        let err = rewrite_request(
+            &plan(),
+            &h(&[("anthropic-beta", &many.join(","))]),
+            "sk",
+            Family::Sessions,
+        )
+        .unwrap_err();
         assert!(err
             .message
             .starts_with("too many anthropic-beta values (33)"));
+    }
+
+    #[test]
+    fn ga_calls_get_no_required_beta_but_keep_the_allowlist() {
+        for family in [Family::Files, Family::Skills, Family::UserProfiles] {
+            let edits = rewrite_request(&plan(), &h(&[]), "sk", family).unwrap();
+            assert_eq!(set_value(&edits, "anthropic-beta"), None, "{family:?}");
+            assert!(removed(&edits).contains(&"anthropic-beta"));
+            let edits = rewrite_request(
+                &plan(),
+                &h(&[("anthropic-beta", "files-api-2025-04-14")]),
+                "sk",
+                family,
+            )
+            .unwrap();
+            assert_eq!(
+                set_value(&edits, "anthropic-beta"),
+                Some("files-api-2025-04-14")
+            );
+            let err = rewrite_request(&plan(), &h(&[("anthropic-beta", "nope-1")]), "sk", family)
+                .unwrap_err();
+            assert_eq!(err.status(), 400);
+        }
+        let edits = rewrite_request(&plan(), &h(&[]), "sk", Family::Dreams).unwrap();
+        assert_eq!(
+            set_value(&edits, "anthropic-beta"),
+            Some(MANAGED_AGENTS_BETA)
+        );
     }
 }

@@ -171,10 +171,16 @@ impl Class {
 /// The rate class of an operation.
 pub fn class_of(op: &Operation) -> Class {
     match op.action {
-        Action::Create | Action::Update | Action::Archive | Action::Delete | Action::SendEvents => {
-            Class::Create
-        }
-        Action::Read | Action::List => Class::Read,
+        Action::Create
+        | Action::Update
+        | Action::Archive
+        | Action::Delete
+        | Action::SendEvents
+        | Action::Reveal
+        | Action::Run
+        | Action::Validate => Class::Create,
+        // A worker polls every few seconds; a poll is paced like a read.
+        Action::Read | Action::List | Action::Poll => Class::Read,
         Action::Stream => Class::Stream,
     }
 }

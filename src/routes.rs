@@ -28,11 +28,17 @@ pub enum Family {
     MemoryStores,
     Deployments,
     DeploymentRuns,
+    Memories,
+    MemoryVersions,
+    Dreams,
+    Tunnels,
+    TunnelCertificates,
+    UserProfiles,
 }
 
 impl Family {
     /// Every family (scopes and the config schema enumerate them).
-    pub const ALL: [Family; 15] = [
+    pub const ALL: [Family; 21] = [
         Family::Agents,
         Family::AgentVersions,
         Family::Sessions,
@@ -48,6 +54,12 @@ impl Family {
         Family::MemoryStores,
         Family::Deployments,
         Family::DeploymentRuns,
+        Family::Memories,
+        Family::MemoryVersions,
+        Family::Dreams,
+        Family::Tunnels,
+        Family::TunnelCertificates,
+        Family::UserProfiles,
     ];
 
     /// Stable snake_case name, used in config (scopes), logs and metric labels.
@@ -68,7 +80,19 @@ impl Family {
             Family::MemoryStores => "memory_stores",
             Family::Deployments => "deployments",
             Family::DeploymentRuns => "deployment_runs",
+            Family::Memories => "memories",
+            Family::MemoryVersions => "memory_versions",
+            Family::Dreams => "dreams",
+            Family::Tunnels => "tunnels",
+            Family::TunnelCertificates => "tunnel_certificates",
+            Family::UserProfiles => "user_profiles",
         }
+    }
+
+    /// Generally available APIs (Files, Skills, User Profiles): the current SDKs send no
+    /// `anthropic-beta` on them, so the gateway neither requires nor adds one there.
+    pub fn is_ga(self) -> bool {
+        matches!(self, Family::Files | Family::Skills | Family::UserProfiles)
     }
 }
 
@@ -85,11 +109,20 @@ pub enum Action {
     Stream,
     /// `POST /v1/sessions/{id}/events`.
     SendEvents,
+    /// `GET /v1/environments/{id}/work/poll`: claims a queued work item (and its secret).
+    Poll,
+    /// Calls whose answer is a credential or a bearer-like link: tunnel `reveal_token` and
+    /// `rotate_token`, user-profile `action_urls` and `enrollment_url`.
+    Reveal,
+    /// `POST /v1/deployments/{id}/run`: starts a deployment run (a session).
+    Run,
+    /// `POST /v1/vaults/{id}/credentials/{id}/mcp_oauth_validate`: a live upstream probe.
+    Validate,
 }
 
 impl Action {
     /// Every action (scopes and the config schema enumerate them).
-    pub const ALL: [Action; 8] = [
+    pub const ALL: [Action; 12] = [
         Action::Create,
         Action::Read,
         Action::List,
@@ -98,6 +131,10 @@ impl Action {
         Action::Archive,
         Action::Stream,
         Action::SendEvents,
+        Action::Poll,
+        Action::Reveal,
+        Action::Run,
+        Action::Validate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -110,6 +147,10 @@ impl Action {
             Action::Archive => "archive",
             Action::Stream => "stream",
             Action::SendEvents => "send_events",
+            Action::Poll => "poll",
+            Action::Reveal => "reveal",
+            Action::Run => "run",
+            Action::Validate => "validate",
         }
     }
 }
@@ -133,7 +174,13 @@ fn family_guard(family: Family) {
         | Family::Skills
         | Family::MemoryStores
         | Family::Deployments
-        | Family::DeploymentRuns => {}
+        | Family::DeploymentRuns
+        | Family::Memories
+        | Family::MemoryVersions
+        | Family::Dreams
+        | Family::Tunnels
+        | Family::TunnelCertificates
+        | Family::UserProfiles => {}
     }
 }
 
@@ -149,7 +196,11 @@ fn action_guard(action: Action) {
         | Action::Delete
         | Action::Archive
         | Action::Stream
-        | Action::SendEvents => {}
+        | Action::SendEvents
+        | Action::Poll
+        | Action::Reveal
+        | Action::Run
+        | Action::Validate => {}
     }
 }
 
@@ -160,14 +211,20 @@ pub enum Neighbour {
     Skills,
     MemoryStores,
     Deployments,
+    Dreams,
+    Tunnels,
+    UserProfiles,
 }
 
 impl Neighbour {
-    pub const ALL: [Neighbour; 4] = [
+    pub const ALL: [Neighbour; 7] = [
         Neighbour::Files,
         Neighbour::Skills,
         Neighbour::MemoryStores,
         Neighbour::Deployments,
+        Neighbour::Dreams,
+        Neighbour::Tunnels,
+        Neighbour::UserProfiles,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -176,6 +233,9 @@ impl Neighbour {
             Neighbour::Skills => "skills",
             Neighbour::MemoryStores => "memory_stores",
             Neighbour::Deployments => "deployments",
+            Neighbour::Dreams => "dreams",
+            Neighbour::Tunnels => "tunnels",
+            Neighbour::UserProfiles => "user_profiles",
         }
     }
 
@@ -202,11 +262,16 @@ pub enum IdKind {
     Memory,
     Deployment,
     DeploymentRun,
+    MemoryVersion,
+    Dream,
+    Tunnel,
+    TunnelCertificate,
+    UserProfile,
 }
 
 impl IdKind {
     /// Every kind (the audit redacts ids of each by their prefix).
-    pub const ALL: [IdKind; 15] = [
+    pub const ALL: [IdKind; 20] = [
         IdKind::Agent,
         IdKind::Session,
         IdKind::Thread,
@@ -222,6 +287,11 @@ impl IdKind {
         IdKind::Memory,
         IdKind::Deployment,
         IdKind::DeploymentRun,
+        IdKind::MemoryVersion,
+        IdKind::Dream,
+        IdKind::Tunnel,
+        IdKind::TunnelCertificate,
+        IdKind::UserProfile,
     ];
 
     /// The prefix every id of this kind starts with, where the API documents one.
@@ -238,7 +308,15 @@ impl IdKind {
             IdKind::MemoryStore => Some("memstore_"),
             IdKind::Deployment => Some("depl_"),
             IdKind::DeploymentRun => Some("drun_"),
-            IdKind::SessionResource | IdKind::Work | IdKind::SkillVersion | IdKind::Memory => None,
+            IdKind::MemoryVersion => Some("memver_"),
+            IdKind::Dream => Some("drm_"),
+            IdKind::Tunnel => Some("tnl_"),
+            IdKind::TunnelCertificate => Some("tcrt_"),
+            IdKind::UserProfile => Some("uprof_"),
+            IdKind::Memory => Some("mem_"),
+            // The emulator still issues `sres_…` resource ids and the API `sesrsc_…`; work
+            // ids are not checked either (`work_…` upstream).
+            IdKind::SessionResource | IdKind::Work | IdKind::SkillVersion => None,
         }
     }
 }
@@ -353,6 +431,14 @@ fn op(family: Family, action: Action, ids: Vec<(IdKind, String)>) -> Option<Oper
 }
 
 impl Classifier<'_> {
+    /// A work item id: work ids carry no checked prefix, so the queue's own words are not ids.
+    fn work(&self, segment: &str) -> Option<(IdKind, String)> {
+        if matches!(segment, "poll" | "stats") {
+            return None;
+        }
+        self.id(IdKind::Work, segment)
+    }
+
     /// Validates one id segment: right prefix (when the kind has one), then only
     /// `[A-Za-z0-9_-]` (no dots: "." and ".." are never ids), bounded length.
     fn id(&self, kind: IdKind, segment: &str) -> Option<(IdKind, String)> {
@@ -417,30 +503,7 @@ impl Classifier<'_> {
             }
             ["memory_stores", rest @ ..] => {
                 self.neighbour(Neighbour::MemoryStores)?;
-                let store = |s: &str| self.id(IdKind::MemoryStore, s);
-                match (m, rest) {
-                    (POST, []) => op(MemoryStores, Create, vec![]),
-                    (GET, []) => op(MemoryStores, List, vec![]),
-                    (GET, [s]) => op(MemoryStores, Read, vec![store(s)?]),
-                    (POST, [s]) => op(MemoryStores, Update, vec![store(s)?]),
-                    (DEL, [s]) => op(MemoryStores, Delete, vec![store(s)?]),
-                    (POST, [s, "archive"]) => op(MemoryStores, Archive, vec![store(s)?]),
-                    (POST, [s, "memories"]) => op(MemoryStores, Update, vec![store(s)?]),
-                    (GET, [s, "memories"]) => op(MemoryStores, List, vec![store(s)?]),
-                    (_, [s, "memories", mem]) => {
-                        let action = match m {
-                            GET => Read,
-                            POST => Update,
-                            DEL => Delete,
-                        };
-                        op(
-                            MemoryStores,
-                            action,
-                            vec![store(s)?, self.id(IdKind::Memory, mem)?],
-                        )
-                    }
-                    _ => None,
-                }
+                self.memory_stores(m, rest)
             }
             ["deployments", rest @ ..] => {
                 self.neighbour(Neighbour::Deployments)?;
@@ -452,13 +515,15 @@ impl Classifier<'_> {
                     (POST, [d]) => op(Deployments, Update, vec![depl(d)?]),
                     (DEL, [d]) => op(Deployments, Delete, vec![depl(d)?]),
                     (POST, [d, "archive"]) => op(Deployments, Archive, vec![depl(d)?]),
+                    (POST, [d, "pause" | "unpause"]) => op(Deployments, Update, vec![depl(d)?]),
+                    (POST, [d, "run"]) => op(Deployments, Run, vec![depl(d)?]),
                     _ => None,
                 }
             }
+            // Runs are append-only records the upstream creates (schedules, `…/run`).
             ["deployment_runs", rest @ ..] => {
                 self.neighbour(Neighbour::Deployments)?;
                 match (m, rest) {
-                    (POST, []) => op(DeploymentRuns, Create, vec![]),
                     (GET, []) => op(DeploymentRuns, List, vec![]),
                     (GET, [r]) => op(
                         DeploymentRuns,
@@ -467,6 +532,116 @@ impl Classifier<'_> {
                     ),
                     _ => None,
                 }
+            }
+            ["dreams", rest @ ..] => {
+                self.neighbour(Neighbour::Dreams)?;
+                let dream = |s: &str| self.id(IdKind::Dream, s);
+                match (m, rest) {
+                    (POST, []) => op(Dreams, Create, vec![]),
+                    (GET, []) => op(Dreams, List, vec![]),
+                    (GET, [d]) => op(Dreams, Read, vec![dream(d)?]),
+                    (POST, [d, "cancel"]) => op(Dreams, Update, vec![dream(d)?]),
+                    (POST, [d, "archive"]) => op(Dreams, Archive, vec![dream(d)?]),
+                    _ => None,
+                }
+            }
+            ["tunnels", rest @ ..] => {
+                self.neighbour(Neighbour::Tunnels)?;
+                self.tunnels(m, rest)
+            }
+            ["user_profiles", rest @ ..] => {
+                self.neighbour(Neighbour::UserProfiles)?;
+                let (u, tail) = match rest {
+                    [] => {
+                        return match m {
+                            POST => op(UserProfiles, Create, vec![]),
+                            GET => op(UserProfiles, List, vec![]),
+                            DEL => None,
+                        }
+                    }
+                    [u, tail @ ..] => (self.id(IdKind::UserProfile, u)?, tail),
+                };
+                match (m, tail) {
+                    (GET, []) => op(UserProfiles, Read, vec![u]),
+                    (POST, []) => op(UserProfiles, Update, vec![u]),
+                    (DEL, []) => op(UserProfiles, Delete, vec![u]),
+                    // Both answer a bearer-like link (`url`): its own action, never `read`.
+                    (POST, ["action_urls" | "enrollment_url"]) => op(UserProfiles, Reveal, vec![u]),
+                    (GET, ["providers", "google", "data_controls"]) => {
+                        op(UserProfiles, Read, vec![u])
+                    }
+                    (POST, ["providers", "google", "data_controls"]) => {
+                        op(UserProfiles, Update, vec![u])
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn memory_stores(&self, m: Method, rest: &[&str]) -> Option<Operation> {
+        use Action::*;
+        use Family::*;
+        use Method::{Delete as DEL, Get as GET, Post as POST};
+        let (s, tail) = match rest {
+            [] => {
+                return match m {
+                    POST => op(MemoryStores, Create, vec![]),
+                    GET => op(MemoryStores, List, vec![]),
+                    DEL => None,
+                }
+            }
+            [s, tail @ ..] => (self.id(IdKind::MemoryStore, s)?, tail),
+        };
+        let with = |extra: (IdKind, String)| vec![s.clone(), extra];
+        let memory = |x: &str| self.id(IdKind::Memory, x);
+        let version = |x: &str| self.id(IdKind::MemoryVersion, x);
+        match (m, tail) {
+            (GET, []) => op(MemoryStores, Read, vec![s]),
+            (POST, []) => op(MemoryStores, Update, vec![s]),
+            (DEL, []) => op(MemoryStores, Delete, vec![s]),
+            (POST, ["archive"]) => op(MemoryStores, Archive, vec![s]),
+            (POST, ["memories"]) => op(Memories, Create, vec![s]),
+            (GET, ["memories"]) => op(Memories, List, vec![s]),
+            (GET, ["memories", x]) => op(Memories, Read, with(memory(x)?)),
+            (POST, ["memories", x]) => op(Memories, Update, with(memory(x)?)),
+            (DEL, ["memories", x]) => op(Memories, Delete, with(memory(x)?)),
+            (GET, ["memory_versions"]) => op(MemoryVersions, List, vec![s]),
+            (GET, ["memory_versions", v]) => op(MemoryVersions, Read, with(version(v)?)),
+            // Redaction erases a version's content for good: a delete, not an update.
+            (POST, ["memory_versions", v, "redact"]) => {
+                op(MemoryVersions, Delete, with(version(v)?))
+            }
+            _ => None,
+        }
+    }
+
+    fn tunnels(&self, m: Method, rest: &[&str]) -> Option<Operation> {
+        use Action::*;
+        use Family::*;
+        use Method::{Get as GET, Post as POST};
+        let (t, tail) = match rest {
+            [] => {
+                return match m {
+                    POST => op(Tunnels, Create, vec![]),
+                    GET => op(Tunnels, List, vec![]),
+                    _ => None,
+                }
+            }
+            [t, tail @ ..] => (self.id(IdKind::Tunnel, t)?, tail),
+        };
+        let cert = |c: &str| self.id(IdKind::TunnelCertificate, c);
+        match (m, tail) {
+            (GET, []) => op(Tunnels, Read, vec![t]),
+            (POST, ["archive"]) => op(Tunnels, Archive, vec![t]),
+            // Both answer the tunnel's `tunnel_token`: a credential, so its own action.
+            (POST, ["reveal_token" | "rotate_token"]) => op(Tunnels, Reveal, vec![t]),
+            (POST, ["certificates"]) => op(TunnelCertificates, Create, vec![t]),
+            (GET, ["certificates"]) => op(TunnelCertificates, List, vec![t]),
+            (GET, ["certificates", c]) => op(TunnelCertificates, Read, vec![t, cert(c)?]),
+            (POST, ["certificates", c, "archive"]) => {
+                op(TunnelCertificates, Archive, vec![t, cert(c)?])
             }
             _ => None,
         }
@@ -555,23 +730,15 @@ impl Classifier<'_> {
             (POST, []) => op(Environments, Update, vec![e]),
             (DEL, []) => op(Environments, Delete, vec![e]),
             (POST, ["archive"]) => op(Environments, Archive, vec![e]),
-            // The self-hosted work queue: workers poll `work`, then act on one item
-            // (`work/{id}` or a verb under it such as `work/{id}/ack`).
+            // The self-hosted work queue: workers poll, then act on one item. Every call names
+            // the environment first, so the tenant check on `env_…` covers the whole queue.
             (GET, ["work"]) => op(EnvironmentWork, List, vec![e]),
-            (POST, ["work"]) => op(EnvironmentWork, Create, vec![e]),
-            (_, ["work", w, verb @ ..]) if verb.len() <= 1 => {
-                if let [v] = verb {
-                    if !is_verb(v) {
-                        return None;
-                    }
-                }
-                let action = match (m, verb) {
-                    (GET, []) => Read,
-                    (DEL, []) => Delete,
-                    (POST, _) => Update,
-                    _ => return None,
-                };
-                op(EnvironmentWork, action, vec![e, self.id(IdKind::Work, w)?])
+            (GET, ["work", "poll"]) => op(EnvironmentWork, Poll, vec![e]),
+            (GET, ["work", "stats"]) => op(EnvironmentWork, Read, vec![e]),
+            (GET, ["work", w]) => op(EnvironmentWork, Read, vec![e, self.work(w)?]),
+            (POST, ["work", w]) => op(EnvironmentWork, Update, vec![e, self.work(w)?]),
+            (POST, ["work", w, "ack" | "heartbeat" | "stop"]) => {
+                op(EnvironmentWork, Update, vec![e, self.work(w)?])
             }
             _ => None,
         }
@@ -605,15 +772,12 @@ impl Classifier<'_> {
             (POST, ["credentials", c, "archive"]) => {
                 op(VaultCredentials, Archive, vec![v, cred(c)?])
             }
+            (POST, ["credentials", c, "mcp_oauth_validate"]) => {
+                op(VaultCredentials, Validate, vec![v, cred(c)?])
+            }
             _ => None,
         }
     }
-}
-
-/// A lowercase action word such as `ack` or `heartbeat` under a work item.
-fn is_verb(segment: &str) -> bool {
-    (1..=32).contains(&segment.len())
-        && segment.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
 }
 
 #[cfg(test)]
@@ -935,6 +1099,48 @@ mod tests {
                 Read,
                 &["drun_1"],
             ),
+            ("GET", "/v1/environments/env_1/work/poll?block_ms=999&reclaim_older_than_ms=5000", EnvironmentWork, Poll, &["env_1"]),
+            ("GET", "/v1/environments/env_1/work/stats", EnvironmentWork, Read, &["env_1"]),
+            ("POST", "/v1/environments/env_1/work/work_7", EnvironmentWork, Update, &["env_1", "work_7"]),
+            ("POST", "/v1/environments/env_1/work/work_7/heartbeat?desired_ttl_seconds=30&expected_last_heartbeat=NO_HEARTBEAT", EnvironmentWork, Update, &["env_1", "work_7"]),
+            ("POST", "/v1/environments/env_1/work/work_7/stop", EnvironmentWork, Update, &["env_1", "work_7"]),
+            ("POST", "/v1/vaults/vlt_1/credentials/vcrd_2/mcp_oauth_validate", VaultCredentials, Validate, &["vlt_1", "vcrd_2"]),
+            ("POST", "/v1/deployments/depl_1/pause", Deployments, Update, &["depl_1"]),
+            ("POST", "/v1/deployments/depl_1/unpause", Deployments, Update, &["depl_1"]),
+            ("POST", "/v1/deployments/depl_1/run", Deployments, Run, &["depl_1"]),
+            ("GET", "/v1/deployment_runs?deployment_id=depl_1&has_error=true", DeploymentRuns, List, &[]),
+            ("POST", "/v1/memory_stores/memstore_1/memories", Memories, Create, &["memstore_1"]),
+            ("GET", "/v1/memory_stores/memstore_1/memories?path_prefix=/a&depth=2", Memories, List, &["memstore_1"]),
+            ("GET", "/v1/memory_stores/memstore_1/memories/mem_2?view=full", Memories, Read, &["memstore_1", "mem_2"]),
+            ("POST", "/v1/memory_stores/memstore_1/memories/mem_2", Memories, Update, &["memstore_1", "mem_2"]),
+            ("DELETE", "/v1/memory_stores/memstore_1/memories/mem_2?expected_content_sha256=ab", Memories, Delete, &["memstore_1", "mem_2"]),
+            ("GET", "/v1/memory_stores/memstore_1/memory_versions", MemoryVersions, List, &["memstore_1"]),
+            ("GET", "/v1/memory_stores/memstore_1/memory_versions/memver_3", MemoryVersions, Read, &["memstore_1", "memver_3"]),
+            ("POST", "/v1/memory_stores/memstore_1/memory_versions/memver_3/redact", MemoryVersions, Delete, &["memstore_1", "memver_3"]),
+            ("POST", "/v1/dreams", Dreams, Create, &[]),
+            ("GET", "/v1/dreams?statuses[]=running", Dreams, List, &[]),
+            ("GET", "/v1/dreams/drm_1", Dreams, Read, &["drm_1"]),
+            ("POST", "/v1/dreams/drm_1/cancel", Dreams, Update, &["drm_1"]),
+            ("POST", "/v1/dreams/drm_1/archive", Dreams, Archive, &["drm_1"]),
+            ("POST", "/v1/tunnels", Tunnels, Create, &[]),
+            ("GET", "/v1/tunnels", Tunnels, List, &[]),
+            ("GET", "/v1/tunnels/tnl_1", Tunnels, Read, &["tnl_1"]),
+            ("POST", "/v1/tunnels/tnl_1/archive", Tunnels, Archive, &["tnl_1"]),
+            ("POST", "/v1/tunnels/tnl_1/reveal_token", Tunnels, Reveal, &["tnl_1"]),
+            ("POST", "/v1/tunnels/tnl_1/rotate_token", Tunnels, Reveal, &["tnl_1"]),
+            ("POST", "/v1/tunnels/tnl_1/certificates", TunnelCertificates, Create, &["tnl_1"]),
+            ("GET", "/v1/tunnels/tnl_1/certificates", TunnelCertificates, List, &["tnl_1"]),
+            ("GET", "/v1/tunnels/tnl_1/certificates/tcrt_2", TunnelCertificates, Read, &["tnl_1", "tcrt_2"]),
+            ("POST", "/v1/tunnels/tnl_1/certificates/tcrt_2/archive", TunnelCertificates, Archive, &["tnl_1", "tcrt_2"]),
+            ("POST", "/v1/user_profiles", UserProfiles, Create, &[]),
+            ("GET", "/v1/user_profiles", UserProfiles, List, &[]),
+            ("GET", "/v1/user_profiles/uprof_1", UserProfiles, Read, &["uprof_1"]),
+            ("POST", "/v1/user_profiles/uprof_1", UserProfiles, Update, &["uprof_1"]),
+            ("DELETE", "/v1/user_profiles/uprof_1", UserProfiles, Delete, &["uprof_1"]),
+            ("POST", "/v1/user_profiles/uprof_1/action_urls", UserProfiles, Reveal, &["uprof_1"]),
+            ("POST", "/v1/user_profiles/uprof_1/enrollment_url", UserProfiles, Reveal, &["uprof_1"]),
+            ("GET", "/v1/user_profiles/uprof_1/providers/google/data_controls", UserProfiles, Read, &["uprof_1"]),
+            ("POST", "/v1/user_profiles/uprof_1/providers/google/data_controls", UserProfiles, Update, &["uprof_1"]),
         ];
         for (method, path, family, action, ids) in table {
             assert_eq!(
@@ -984,6 +1190,24 @@ mod tests {
             ("DELETE", "/v1/sessions"),
             ("GET", "/v1/environments/env_1/work/w1/ACK"),
             ("GET", "/v1/environments/env_1/work/w1/a/b"),
+            ("POST", "/v1/environments/env_1/work"),
+            ("DELETE", "/v1/environments/env_1/work/w1"),
+            ("POST", "/v1/environments/env_1/work/w1/frobnicate"),
+            ("GET", "/v1/environments/env_1/work/w1/ack"),
+            ("POST", "/v1/environments/env_1/work/poll"),
+            ("POST", "/v1/deployment_runs"),
+            ("POST", "/v1/deployments/depl_1/resume"),
+            ("GET", "/v1/tunnels/tnl_1/reveal_token"),
+            ("DELETE", "/v1/tunnels/tnl_1"),
+            ("GET", "/v1/tunnels/agent_1"),
+            (
+                "POST",
+                "/v1/user_profiles/uprof_1/providers/github/data_controls",
+            ),
+            ("GET", "/v1/memory_stores/memstore_1/memory_versions/mem_1"),
+            ("GET", "/v1/dreams/drm_1/cancel"),
+            ("GET", "/v1/organizations/webhooks"),
+            ("POST", "/v1/organizations/tunnels"),
         ];
         for (method, path) in refused {
             assert_eq!(check(method, path), None, "{method} {path}");
@@ -1019,6 +1243,9 @@ mod tests {
             "/v1/memory_stores",
             "/v1/deployments",
             "/v1/deployment_runs",
+            "/v1/dreams",
+            "/v1/tunnels",
+            "/v1/user_profiles",
         ] {
             assert_eq!(classify(&none, "GET", path), None, "{path}");
             assert!(classify(&all_neighbours(), "GET", path).is_some(), "{path}");

@@ -2,7 +2,8 @@
 //!
 //! A scope is `family:action` over the names in [`crate::routes`]: `sessions:create`,
 //! `vault_credentials:*`, `*:read`. The action `readonly` stands for `read`, `list` and
-//! `stream`. A principal's effective scopes are its tenant's scopes intersected with its own
+//! `stream` — never `poll` (claims a work item and its secret) nor `reveal` (answers a tunnel
+//! token or a user-profile link), which must be granted by name. A principal's effective scopes are its tenant's scopes intersected with its own
 //! (a key or token may narrow its tenant's rights, never widen them). A refusal names the
 //! missing scope: `missing scope sessions:create`.
 
@@ -217,5 +218,65 @@ mod tests {
         assert!(authorize(&tenant, None, &op(Family::VaultCredentials, Action::Create)).is_err());
         assert!(authorize(&tenant, None, &op(Family::Environments, Action::Create)).is_err());
         assert!(authorize(&tenant, None, &op(Family::Agents, Action::Archive)).is_ok());
+    }
+
+    #[test]
+    fn new_families_and_secret_bearing_actions_need_their_own_scopes() {
+        let c = |m: &str, p: &str| {
+            let rules = crate::routes::RouteRules {
+                neighbours: crate::routes::Neighbour::ALL.to_vec(),
+                ..crate::routes::RouteRules::default()
+            };
+            crate::routes::classify(&rules, m, p).unwrap()
+        };
+        let readonly = scopes(&["*:readonly"]);
+        let denied = |s: &[Scope], op: &Operation| authorize(s, None, op).unwrap_err().message;
+        assert_eq!(
+            denied(&readonly, &c("POST", "/v1/tunnels/tnl_1/reveal_token")),
+            "missing scope tunnels:reveal: your tenant is not allowed this operation"
+        );
+        assert_eq!(
+            denied(&readonly, &c("GET", "/v1/environments/env_1/work/poll")),
+            "missing scope environment_work:poll: your tenant is not allowed this operation"
+        );
+        assert_eq!(
+            denied(
+                &readonly,
+                &c("POST", "/v1/user_profiles/uprof_1/action_urls")
+            ),
+            "missing scope user_profiles:reveal: your tenant is not allowed this operation"
+        );
+        assert_eq!(
+            denied(&readonly, &c("POST", "/v1/deployments/depl_1/run")),
+            "missing scope deployments:run: your tenant is not allowed this operation"
+        );
+        assert_eq!(
+            denied(
+                &readonly,
+                &c(
+                    "POST",
+                    "/v1/vaults/vlt_1/credentials/vcrd_1/mcp_oauth_validate"
+                )
+            ),
+            "missing scope vault_credentials:validate: your tenant is not allowed this operation"
+        );
+        assert!(authorize(&readonly, None, &c("GET", "/v1/dreams/drm_1")).is_ok());
+        let worker = scopes(&["environment_work:poll", "environment_work:update"]);
+        assert!(authorize(&worker, None, &c("GET", "/v1/environments/env_1/work/poll")).is_ok());
+        assert!(authorize(
+            &worker,
+            None,
+            &c("POST", "/v1/environments/env_1/work/w1/heartbeat")
+        )
+        .is_ok());
+        assert!(authorize(&worker, None, &c("GET", "/v1/environments/env_1")).is_err());
+        for text in [
+            "memories:create",
+            "memory_versions:delete",
+            "tunnel_certificates:*",
+            "dreams:update",
+        ] {
+            assert_eq!(Scope::parse(text).unwrap().to_string(), text);
+        }
     }
 }

@@ -215,6 +215,11 @@ pub fn not_found(kind: IdKind, id: &str) -> ApiError {
         IdKind::Memory => "memory",
         IdKind::Deployment => "deployment",
         IdKind::DeploymentRun => "deployment run",
+        IdKind::MemoryVersion => "memory version",
+        IdKind::Dream => "dream",
+        IdKind::Tunnel => "tunnel",
+        IdKind::TunnelCertificate => "tunnel certificate",
+        IdKind::UserProfile => "user profile",
     };
     ApiError::new(
         ErrorKind::NotFound,

@@ -261,7 +261,7 @@ fn kitchen_sink() -> Value {
                 "metadata_key": "jwt_payload"},
         "betas": {"required": [MANAGED_AGENTS_BETA, "files-api-2025-04-14"],
                   "allowed": ["skills-2025-10-02"]},
-        "routes": {"neighbours": ["files", "skills"], "shared_neighbours": ["files", "skills", "memory_stores", "deployments"], "max_path_bytes": 2048, "max_id_bytes": 128},
+        "routes": {"neighbours": ["files", "skills"], "shared_neighbours": ["files", "skills", "memory_stores", "deployments", "dreams", "tunnels", "user_profiles"], "max_path_bytes": 2048, "max_id_bytes": 128},
         "gateway_keys": [
             {"name": "ci", "sha256": KEY_HASH, "tenant": "acme",
              "expires_at": "2027-01-01T00:00:00Z", "scopes": ["sessions:read"]}

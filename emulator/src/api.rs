@@ -23,6 +23,7 @@
 
 mod agents;
 mod environments;
+mod neighbours;
 mod sessions;
 mod vaults;
 
@@ -386,7 +387,7 @@ fn dispatch(app: &Arc<App>, req: &Request) -> ApiResult {
         Some("_emulator") => private(app, req, &segments),
         Some("v1") => {
             check_auth(app, req)?;
-            check_versions(req)?;
+            check_versions(req, &segments)?;
             match app.take_fault(req) {
                 Some(fault) => fault.apply(req, || v1(app, req, &segments)),
                 None => v1(app, req, &segments),
@@ -416,11 +417,14 @@ fn check_auth(app: &App, req: &Request) -> Result<(), ApiError> {
     }
 }
 
-fn check_versions(req: &Request) -> Result<(), ApiError> {
+fn check_versions(req: &Request, segments: &[&str]) -> Result<(), ApiError> {
     if req.header("anthropic-version").is_none_or(str::is_empty) {
         return Err(ApiError::bad_request(
             "anthropic-version: header is required",
         ));
+    }
+    if neighbours::is_ga(segments) {
+        return Ok(());
     }
     let has_beta = req
         .header_values("anthropic-beta")
@@ -502,10 +506,12 @@ fn v1(app: &Arc<App>, req: &Request, segments: &[&str]) -> ApiResult {
         }
         ("DELETE", ["sessions", id, "resources", rid]) => sessions::delete_resource(app, id, rid),
 
-        _ => Err(ApiError::not_found(format!(
-            "Not found: {} {}",
-            req.method, req.path
-        ))),
+        _ => neighbours::route(app, req, &segments[1..]).unwrap_or_else(|| {
+            Err(ApiError::not_found(format!(
+                "Not found: {} {}",
+                req.method, req.path
+            )))
+        }),
     }
 }
 
@@ -574,10 +580,12 @@ fn private(app: &App, req: &Request, segments: &[&str]) -> ApiResult {
             app.faults.lock().unwrap_or_else(|e| e.into_inner()).clear();
             ok(&json!({"ok": true}))
         }
-        _ => Err(ApiError::not_found(format!(
-            "Not found: {} {}",
-            req.method, req.path
-        ))),
+        _ => neighbours::route(app, req, &segments[1..]).unwrap_or_else(|| {
+            Err(ApiError::not_found(format!(
+                "Not found: {} {}",
+                req.method, req.path
+            )))
+        }),
     }
 }
 

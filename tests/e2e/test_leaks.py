@@ -12,7 +12,13 @@ headers and bodies, and the cross-tenant matrix — and then, over everything at
   the injected key;
 - the upstream key is in no byte the clients received (status line, headers, body), nor in
   Envoy's log, nor in the audit file; no gateway key is in either log;
-- nothing reached the emulator outside `/v1/`.
+- nothing reached the emulator outside `/v1/`;
+- the secrets of the December 2026 shapes — tunnel tokens (reveal/rotate answers), work-item
+  secrets (poll answers), `environment_variable` `secret_value`, OAuth `access_token`,
+  `refresh_token` and `client_secret`, GitHub `authorization_token` on session and deployment
+  resources, user-profile action and enrollment URLs — reach the caller that asked for them and
+  appear in no log (Envoy's log with the stdout access log, and the audit file); webhook
+  signing secrets (Admin API) are never routed at all.
 
 The count of bad inputs is printed (and written to $MA_RELIABILITY_COUNTS for the
 reliability report).
@@ -35,12 +41,24 @@ COOKIE = "session=cookie-secret-0042"
 PROXY_AUTH = "Basic cHJveHktc2VjcmV0LTAwNDI="
 JUNK_KEY = "gw-key-junk-0099"
 CLIENT_SECRETS = [ALICE, BOB, CAROL, JUNK_KEY, "gw-key-expired", COOKIE, PROXY_AUTH, "cHJveHktc2VjcmV0LTAwNDI"]
+NEIGHBOURS = ["files", "skills", "memory_stores", "deployments", "dreams", "tunnels", "user_profiles"]
+# Secrets clients send in the December 2026 request bodies.
+BODY_SECRETS = {
+    "secret_value": "envsecret-leak-0001",
+    "access_token": "oauth-access-leak-0002",
+    "refresh_token": "oauth-refresh-leak-0003",
+    "client_secret": "oauth-client-secret-leak-0004",
+    "session_github": "ghp_session_resource_leak_0005",
+    "resource_update": "ghp_resource_update_leak_0006",
+    "deployment_github": "ghp_deployment_leak_0007",
+}
 
 
 @pytest.fixture(scope="module")
 def sweep(emulator, tmp_path_factory):
     audit_path = tmp_path_factory.mktemp("leaks") / "audit.log"
-    overrides = dict(TENANTS, limits={"tenants": {"auditors": {"read": {"per_minute": 2, "burst": 2}}}})
+    overrides = dict(TENANTS, limits={"tenants": {"auditors": {"read": {"per_minute": 2, "burst": 2}}}},
+                     routes={"neighbours": NEIGHBOURS, "shared_neighbours": NEIGHBOURS})
     config = stack.render_envoy_config(
         upstream=emulator.upstream, listen_port=0, admin_port=0,
         gateway_keys={}, plugin_overrides=overrides, audit_path=audit_path)
@@ -59,6 +77,7 @@ class Sweep:
         self.bad_inputs = 0
         self.received: list[bytes] = []  # everything any client got back
         self.upstream_seen: list[dict] = []
+        self.new_secrets: list[str] = []  # secret values of the new shapes, sent or received
 
     def call(self, method, path, *, bad=True, **kwargs):
         self.bad_inputs += bad
@@ -398,6 +417,64 @@ def test_cross_tenant_matrix(sweep, world):
     assert sweep.gw.emulator.requests() == []
 
 
+def test_new_secret_shapes_reach_their_caller_only(sweep, world):
+    a, _ = world
+    gw = sweep.gw
+    sweep.drain_upstream()
+    sweep.new_secrets += BODY_SECRETS.values()
+    vid = a["vault"]
+    env_cred = gw.ok("POST", f"/v1/vaults/{vid}/credentials", key=ALICE, body={
+        "display_name": "env", "auth": {"type": "environment_variable", "secret_name": "API_TOKEN",
+                                        "secret_value": BODY_SECRETS["secret_value"],
+                                        "networking": {"type": "unrestricted"}}})
+    oauth = gw.ok("POST", f"/v1/vaults/{vid}/credentials", key=ALICE, body={
+        "display_name": "oauth", "auth": {
+            "type": "mcp_oauth", "access_token": BODY_SECRETS["access_token"],
+            "mcp_server_url": "https://mcp.example", "refresh": {
+                "client_id": "cid", "refresh_token": BODY_SECRETS["refresh_token"],
+                "token_endpoint": "https://mcp.example/token",
+                "token_endpoint_auth": {"type": "client_secret_post",
+                                        "client_secret": BODY_SECRETS["client_secret"]}}}})
+    gw.ok("POST", f"/v1/vaults/{vid}/credentials/{oauth['id']}", key=ALICE, body={
+        "auth": {"type": "mcp_oauth", "access_token": BODY_SECRETS["access_token"],
+                 "refresh": {"refresh_token": BODY_SECRETS["refresh_token"]}}})
+    gw.ok("POST", f"/v1/vaults/{vid}/credentials/{oauth['id']}/mcp_oauth_validate", key=ALICE)
+    session = gw.ok("POST", "/v1/sessions", key=ALICE, body={
+        "agent": a["agent"], "environment_id": a["environment"],
+        "resources": [{"type": "github_repository", "url": "https://github.com/o/r",
+                       "authorization_token": BODY_SECRETS["session_github"]}]})
+    rid = gw.ok("GET", f"/v1/sessions/{session['id']}/resources", key=ALICE)["data"][0]["id"]
+    gw.ok("POST", f"/v1/sessions/{session['id']}/resources/{rid}", key=ALICE,
+          body={"authorization_token": BODY_SECRETS["resource_update"]})
+    gw.ok("POST", "/v1/deployments", key=ALICE, body={
+        "name": "d", "agent": a["agent"], "environment_id": a["environment"],
+        "resources": [{"type": "github_repository", "url": "https://github.com/o/r",
+                       "authorization_token": BODY_SECRETS["deployment_github"]}]})
+    # Answers that carry a secret: the caller gets it, every time a fresh one.
+    received = []
+    for verb in ("reveal_token", "rotate_token"):
+        received.append(gw.ok("POST", f"/v1/tunnels/tnl_leak1/{verb}", key=ALICE)["tunnel_token"])
+    hosted = gw.ok("POST", "/v1/environments", key=ALICE, body={"name": "w", "config": {"type": "self_hosted"}})
+    item = gw.ok("GET", f"/v1/environments/{hosted['id']}/work/poll?block_ms=999", key=ALICE)
+    received.append(item["secret"]["sessions_token"])
+    received.append(gw.ok("POST", "/v1/user_profiles/uprof_leak1/action_urls", key=ALICE,
+                          body={"action": {"type": "enroll_end_user"}})["url"])
+    received.append(gw.ok("POST", "/v1/user_profiles/uprof_leak1/enrollment_url", key=ALICE)["url"])
+    assert len(set(received)) == 5 and all(len(r) > 12 for r in received), received
+    sweep.new_secrets += received
+    # Webhook signing secrets live in the Admin API: never routed, never upstream.
+    assert sweep.call("POST", "/v1/organizations/webhooks/wh_1/regenerate_signing_secret").status == 404
+    assert sweep.call("POST", "/v1/organizations/webhooks", body={"url": "https://x"}).status == 404
+    upstream = gw.emulator.requests()
+    assert [r["path"] for r in upstream if "organizations" in r["path"]] == []
+    # The secrets went upstream in bodies only, never in a path or header.
+    for request in upstream:
+        text = request["path"] + " ".join(v for _, v in request["headers"])
+        assert [x for x in sweep.new_secrets if x in text] == []
+    assert env_cred["id"].startswith("vcrd_")
+    sweep.drain_upstream()
+
+
 def test_zz_nothing_leaked_anywhere(sweep):
     """Runs last in this module: every byte seen in every path above."""
     sweep.drain_upstream()
@@ -424,6 +501,8 @@ def test_zz_nothing_leaked_anywhere(sweep):
         time.sleep(0.05)
     logs = sweep.gw.envoy.log() + sweep.audit_path.read_text()
     leaks += [("log", s) for s in [upstream_key, *CLIENT_SECRETS, "ghp_leak_secret"] if s in logs]
+    assert len(sweep.new_secrets) == len(BODY_SECRETS) + 5, "the new-shapes sweep did not run"
+    leaks += [("log (new shapes)", s) for s in sweep.new_secrets if s in logs]
     print(f"\nleak sweep: {sweep.bad_inputs} bad inputs tried, {len(sweep.upstream_seen)} upstream requests "
           f"checked, {len(sweep.received)} answers scanned, {len(leaks)} secrets leaked")
     counts = os.environ.get("MA_RELIABILITY_COUNTS")
