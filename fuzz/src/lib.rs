@@ -1126,10 +1126,17 @@ pub fn gateway(data: &[u8]) {
                 }
             }
             assert_eq!(out.get("x-api-key"), Some(&vec![UPSTREAM_KEY.to_string()]));
-            let betas = out.get("anthropic-beta").expect("no anthropic-beta");
-            assert_eq!(betas.len(), 1);
-            let list: Vec<&str> = betas[0].split(',').collect();
-            assert!(list.contains(&"managed-agents-2026-04-01"));
+            // GA families (Files, Skills, User Profiles) get only the betas the client named,
+            // possibly none; every other call carries the required Managed Agents beta.
+            let ga = admitted.operation.family.is_ga();
+            let betas = match out.get("anthropic-beta") {
+                Some(betas) => betas.clone(),
+                None if ga => Vec::new(),
+                None => panic!("no anthropic-beta"),
+            };
+            assert!(betas.len() <= 1);
+            let list: Vec<&str> = betas.first().map_or(Vec::new(), |b| b.split(',').collect());
+            assert!(ga || list.contains(&"managed-agents-2026-04-01"));
             for b in list {
                 assert!(
                     plan.betas.allowed.iter().any(|a| a == b),
