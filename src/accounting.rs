@@ -331,6 +331,13 @@ pub fn observe_session_priced(
     )
 }
 
+/// Whether a record's slot may be given to another session (see `bounded`): only once the
+/// record has been idle longer than the default TTL, i.e. its session is settled. An
+/// unreadable record is never evicted.
+pub fn evictable(bytes: &[u8], now_secs: u64) -> bool {
+    Record::decode(bytes).is_ok_and(|record| record.idle_past_ttl(&Limits::default(), now_secs))
+}
+
 /// What the store holds for a session, if anything.
 pub fn summary(store: &dyn Store, session_id: &str) -> Result<Option<SessionSummary>, StoreError> {
     let Some((bytes, _)) = store.get(&session_key(session_id)) else {
@@ -407,12 +414,17 @@ fn apply(
         return Err(StoreError::Other("invalid session id".into()));
     }
     let key = session_key(session_id);
+    let evicted = store.get(&key).is_none_or(|(bytes, _)| bytes.is_empty())
+        && crate::bounded::was_evicted(store, &crate::bounded::USAGE, session_id);
     let mut unchanged = Charge::default();
     let mut failure = None;
     // Set by the attempt that wrote: whether it created the record, and its previous time.
     let mut previous_change = None;
     let written = store::update(store, &key, limits.cas_attempts, |current| {
         let (mut record, previous) = match current {
+            // A record evicted from its bounded slot (see `bounded`) comes back as a
+            // baseline: its next snapshot is taken as already charged, its spans deferred.
+            None if evicted => (Record::baseline(now_secs), None),
             None => (Record::new(now_secs), None),
             Some(bytes) => match Record::decode(bytes) {
                 Ok(record) => {
@@ -425,7 +437,8 @@ fn apply(
                 }
             },
         };
-        let expired = record.expire_if_idle(limits, now_secs);
+        // A baseline record is always written, so that it re-baselines only once.
+        let expired = record.expire_if_idle(limits, now_secs) || (current.is_none() && evicted);
         let (mut charge, changed, list_cost) = match input {
             Input::Observation(Observation::Span {
                 event_id, tokens, ..
@@ -434,6 +447,7 @@ fn apply(
                 (charge, changed, None)
             }
             Input::Observation(Observation::Snapshot(snapshot)) => {
+                record.rebaseline(snapshot);
                 let (charge, changed) = record.add_snapshot(snapshot);
                 let list_cost = snapshot
                     .list_cost_cents
@@ -454,7 +468,10 @@ fn apply(
                     record.geo_us = geo_us;
                 }
                 let (charge, changed) = match &facts.snapshot {
-                    Some(snapshot) => record.add_snapshot(snapshot),
+                    Some(snapshot) => {
+                        record.rebaseline(snapshot);
+                        record.add_snapshot(snapshot)
+                    }
                     None => (record.no_charge(), false),
                 };
                 let list_cost = facts
@@ -755,6 +772,8 @@ struct Record {
     /// `cost.whole` when that list cost was applied: the charged cost is the list cost plus
     /// the estimates since.
     cost_at_list: u64,
+    /// A baseline record (re-created after eviction) that has not seen a snapshot yet.
+    rebaseline: bool,
 }
 
 /// An exact amount of money: whole µ$ plus `remainder` / `UNITS_PER_MICRO` µ$.
@@ -801,6 +820,9 @@ struct StoredRecord {
     /// Estimate (whole µ$) when `l` was applied.
     #[serde(default, skip_serializing_if = "is_zero")]
     a: u64,
+    /// Waiting for the snapshot that re-baselines it (see `Record::baseline`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    b: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -859,6 +881,10 @@ impl StoredRecord {
                 None => 0,
                 Some(a) => a.as_u64().ok_or_else(|| wrong("a"))?,
             },
+            b: match field("b") {
+                None => false,
+                Some(b) => b.as_bool().ok_or_else(|| wrong("b"))?,
+            },
         })
     }
 }
@@ -876,6 +902,31 @@ impl Record {
             cost: Cost::default(),
             list_cost: None,
             cost_at_list: 0,
+            rebaseline: false,
+        }
+    }
+
+    /// The record of a session whose record was evicted: compacted (its spans can no longer
+    /// be told from duplicates) and waiting to take its next snapshot as the baseline.
+    fn baseline(now_secs: u64) -> Record {
+        Record {
+            compacted: true,
+            rebaseline: true,
+            ..Record::new(now_secs)
+        }
+    }
+
+    /// On a baseline record, takes `snapshot` as already charged (totals and list cost) so
+    /// that nothing the evicted record had charged is charged again.
+    fn rebaseline(&mut self, snapshot: &Snapshot) {
+        if !self.rebaseline {
+            return;
+        }
+        self.rebaseline = false;
+        self.charged.raise_to(&Charged::of(snapshot));
+        if let Some(cents) = snapshot.list_cost_cents {
+            self.list_cost = Some(cents.saturating_mul(MICROS_PER_CENT));
+            self.cost_at_list = self.cost.whole;
         }
     }
 
@@ -911,6 +962,7 @@ impl Record {
             },
             list_cost: stored.l,
             cost_at_list: stored.a,
+            rebaseline: stored.b,
         })
     }
 
@@ -930,6 +982,7 @@ impl Record {
             k: [self.cost.whole, self.cost.remainder],
             l: self.list_cost,
             a: self.cost_at_list,
+            b: self.rebaseline,
         };
         serde_json::to_vec(&stored)
             .map_err(|e| StoreError::Other(format!("encoding usage record: {e}")))
@@ -1760,6 +1813,7 @@ mod tests {
             },
             list_cost: Some(15),
             cost_at_list: 16,
+            rebaseline: false,
         };
         assert_eq!(Record::decode(&record.encode().unwrap()).unwrap(), record);
         let tombstone = Record {

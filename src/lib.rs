@@ -19,6 +19,7 @@
 
 pub mod accounting;
 pub mod audit;
+pub mod bounded;
 pub mod config;
 pub mod config_schema;
 pub mod content_coding;

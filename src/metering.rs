@@ -622,14 +622,21 @@ impl ResponseMeter {
         };
         self.usage.upstream_list_cost_cents = Some(cents);
         let key = format!("{}.list_cost", accounting::session_key(session_id));
+        // After an eviction the figure re-baselines: written, never counted again.
+        let evicted =
+            crate::bounded::was_evicted(ctx.store, &crate::bounded::LIST_COST, session_id);
         let result = store::update(ctx.store, &key, ctx.limits.cas_attempts, |current| {
             let previous = current
                 .and_then(|b| std::str::from_utf8(b).ok())
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0);
-            (cents > previous).then(|| (cents.to_string().into_bytes(), cents - previous))
+                .and_then(|s| s.parse::<u64>().ok());
+            let baseline = previous.is_none() && evicted;
+            let previous = previous.unwrap_or(0);
+            (cents > previous).then(|| {
+                let delta = if baseline { 0 } else { cents - previous };
+                (cents.to_string().into_bytes(), delta)
+            })
         });
-        if let Ok(Some(delta)) = result {
+        if let Ok(Some(delta)) = result.map(|d| d.filter(|d| *d > 0)) {
             out.push(add(&metrics::UPSTREAM_LIST_COST, &[&self.tenant], delta));
         }
     }

