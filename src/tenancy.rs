@@ -244,8 +244,9 @@ pub fn cached_owner(store: &dyn Store, id: &str) -> Option<Owner> {
 /// [`StoreError::Other`]). Writes nothing when the entry already says so, which keeps list
 /// responses cheap. `Untagged` never replaces a known tenant: the only way a tag disappears
 /// is an edit outside the gateway or a stale look-up racing a fresh answer, and keeping the
-/// tenant is right in both cases. Tenant entries are never evicted (shared data cannot
-/// delete keys): one small key per resource ever seen.
+/// tenant is right in both cases. In production the entry lives in one of a fixed number of
+/// hash-addressed slots ([`crate::bounded`]): a colliding id evicts it, and a later miss is
+/// re-learnt by the upstream look-up like an id never seen.
 pub fn remember_owner(store: &dyn Store, id: &str, owner: Owner) -> Result<(), StoreError> {
     if owned_id_kind(id).is_none() {
         return Err(StoreError::Other(format!(

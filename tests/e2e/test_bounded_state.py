@@ -1,5 +1,6 @@
 """Bounded shared data: creating many sessions leaves Envoy's memory flat once the bounded
-key families (owner, affinity, tenant, usage, …) have filled their slots.
+cache families (owner, affinity, tenant, thread model) have filled their slots; what still grows
+is the exact accounting record per session, which is not slotted.
 
 Sessions are created through the gateway with wrk (2 threads, each stopping after its share
 of 201 responses). After a warm-up batch that fills every slot, a second, larger batch must
@@ -30,7 +31,9 @@ CLOUD = {"type": "cloud", "networking": {"type": "unrestricted"}}
 WARMUP = int(os.environ.get("MA_BOUNDED_WARMUP", "40000"))
 BATCH = int(os.environ.get("MA_BOUNDED_N", "60000"))
 # Slot counts of src/bounded.rs.
-SLOTS = {"owner": 32_768, "tenant": 16_384, "usage": 16_384}
+# Envoy RSS growth allowed over the second batch (see the assertion).
+GROWTH_BOUND_KIB = int(os.environ.get("MA_BOUNDED_GROWTH_KIB", "24576"))
+SLOTS = {"owner": 32_768, "tenant": 16_384, "affinity": 16_384}
 
 LUA = """
 local n, limit = 0, %d
@@ -111,10 +114,13 @@ def test_many_sessions_leave_envoy_memory_flat():
                 live = stats.get(f"ma_gateway_state_live_entries.family.{family}", 0)
                 assert 0 < live <= slots, (family, live)
             assert stats.get("ma_gateway_state_evictions_total.family.owner", 0) > 0
-            # Usage records are never evicted while active: the full slots refuse instead.
-            assert stats.get("ma_gateway_state_evictions_total.family.usage", 0) == 0
-            # Flat: the second batch adds under 8 MiB (unbounded keys cost ~1 KiB a session).
-            assert after - before < 8 * 1024, (before, after)
+            # Accounting records are not slotted (src/bounded.rs, FAMILIES): never evicted or
+            # refused, so every session stays metered; they are what still grows.
+            assert not any("family.usage" in k or "family.list_cost" in k for k in stats), stats
+            # The cache families no longer grow: the second batch costs what the accounting
+            # records cost (measured 2026-12-04: see README "Scope of state"), well under the
+            # ~700 B a session that every family cost before they were bounded (+41.5 MiB).
+            assert after - before < GROWTH_BOUND_KIB, (before, after)
             # The gateway still isolates and answers after all the churn.
             assert gw.ok("GET", f"/v1/agents/{agent}", key=KEY)["id"] == agent
         finally:
