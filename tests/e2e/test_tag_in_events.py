@@ -9,7 +9,6 @@ offers gzip/br/zstd), and that metering stays exact on the rewritten stream."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
@@ -58,24 +57,18 @@ def test_tag_never_shows_in_event_pages_or_streams(gw, protocol):
     sid = gw.ok("POST", "/v1/sessions", key=ALICE, body={
         "agent": agent, "environment_id": env, "metadata": {"case": protocol}})["id"]
     before = metering_snapshot(gw, MODEL, tenant="acme")
-    opened, box = threading.Event(), {}
     headers = headers_for(ALICE, OFFER, {"accept": "text/event-stream"})
 
-    def read():
-        box["reply"] = wire.stream_until(gw.port, f"/v1/sessions/{sid}/events/stream", headers,
-                                         b"session.status_idle", protocol=protocol, opened=opened)
+    def update_then_turn():
+        # Changes metadata and tools: the `session.updated` event carries both the session's
+        # metadata and the agent snapshot (with the agent's metadata), each tagged upstream.
+        gw.ok("POST", f"/v1/sessions/{sid}", key=ALICE, body={
+            "metadata": {"note": "updated"}, "agent": {"tools": []}})
+        gw.ok("POST", f"/v1/sessions/{sid}/events", key=ALICE, body={"events": [
+            {"type": "user.message", "content": [{"type": "text", "text": "tag in events"}]}]})
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert opened.wait(15), "the stream did not open"
-    # Changes metadata and tools: the `session.updated` event carries both the session's
-    # metadata and the agent snapshot (with the agent's metadata), each tagged upstream.
-    gw.ok("POST", f"/v1/sessions/{sid}", key=ALICE, body={
-        "metadata": {"note": "updated"}, "agent": {"tools": []}})
-    gw.ok("POST", f"/v1/sessions/{sid}/events", key=ALICE, body={"events": [
-        {"type": "user.message", "content": [{"type": "text", "text": "tag in events"}]}]})
-    reader.join(30)
-    reply = box["reply"]
+    reply = wire.stream_around(gw.port, f"/v1/sessions/{sid}/events/stream", headers,
+                               b"session.status_idle", protocol=protocol, action=update_then_turn)
     assert reply.status == 200, reply
     assert reply.headers.get("content-encoding", "identity") == "identity", reply.headers
     assert b"session.status_idle" in reply.body

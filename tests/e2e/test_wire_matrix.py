@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
-import threading
 import time
 import urllib.request
 
@@ -108,6 +107,20 @@ def wired(emulator):
     gw.ctx = ctx
     yield gw
     envoy.stop()
+
+
+def own_gateway(emulator, **render) -> Gateway:
+    """A gateway of this test's own on `emulator`, with the module's plugin config."""
+    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
+                                       gateway_keys={}, plugin_overrides=CONFIG, **render)
+    return Gateway(stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start(), emulator)
+
+
+def alice_session(gw: Gateway) -> tuple[str, str, str]:
+    """A fresh agent, environment and session of alice's, created through `gw`."""
+    agent = gw.ok("POST", "/v1/agents", key=ALICE, body={"name": "a", "model": "claude-sonnet-4-6"})["id"]
+    env = gw.ok("POST", "/v1/environments", key=ALICE, body={"name": "e", "config": CLOUD})["id"]
+    return agent, env, gw.ok("POST", "/v1/sessions", key=ALICE, body={"agent": agent, "environment_id": env})["id"]
 
 
 def gzipped(body: dict) -> bytes:
@@ -230,20 +243,11 @@ def test_streams_are_metered_exactly_whatever_the_client_offers(wired, protocol,
     sid = gw.ok("POST", "/v1/sessions", key=BOB,
                 body={"agent": agent, "environment_id": gw.ctx["bob_env"]})["id"]
     before = metering_snapshot(gw, "claude-haiku-4-5", tenant="bob")
-    opened, box = threading.Event(), {}
     headers = headers_for(BOB, offer, {"accept": "text/event-stream"})
-
-    def read():
-        box["reply"] = wire.stream_until(gw.port, f"/v1/sessions/{sid}/events/stream", headers,
-                                         b"session.status_idle", protocol=protocol, opened=opened)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert opened.wait(15), "the stream did not open"
-    gw.ok("POST", f"/v1/sessions/{sid}/events", key=BOB, body={"events": [
-        {"type": "user.message", "content": [{"type": "text", "text": "metered on the wire"}]}]})
-    reader.join(30)
-    reply = box["reply"]
+    reply = wire.stream_around(
+        gw.port, f"/v1/sessions/{sid}/events/stream", headers, b"session.status_idle", protocol=protocol,
+        action=lambda: gw.ok("POST", f"/v1/sessions/{sid}/events", key=BOB, body={"events": [
+            {"type": "user.message", "content": [{"type": "text", "text": "metered on the wire"}]}]}))
     assert reply.status == 200 and reply.headers.get("content-encoding", "identity") == "identity", reply.headers
     assert b"event: session.status_idle" in reply.body or b'"session.status_idle"' in reply.body
     # The stream is closed by the client; the gateway has metered every span it carried.
@@ -307,14 +311,10 @@ def test_a_response_it_must_read_that_arrives_encoded_anyway_is_a_502_never_unre
     identity: owned JSON (owner tag to strip, list to filter) and event streams (usage to meter)
     are answered 502 api_error instead of being passed on unread; an owner lookup that cannot be
     read fails closed (503). The client never sees the compressed bytes."""
-    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
-                                       gateway_keys={}, plugin_overrides=CONFIG)
-    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
-    gw = Gateway(envoy, emulator)
+    gw = own_gateway(emulator)
+    envoy = gw.envoy
     try:
-        agent = gw.ok("POST", "/v1/agents", key=ALICE, body={"name": "a", "model": "claude-sonnet-4-6"})["id"]
-        env = gw.ok("POST", "/v1/environments", key=ALICE, body={"name": "e", "config": CLOUD})["id"]
-        sid = gw.ok("POST", "/v1/sessions", key=ALICE, body={"agent": agent, "environment_id": env})["id"]
+        agent, _, sid = alice_session(gw)
         cold = cold_agent(emulator, "alice")
         set_mode = lambda mode: emulator.urlopen(urllib.request.Request(  # noqa: E731
             emulator.url + "/_emulator/compression", method="POST", data=json.dumps({"mode": mode}).encode(),
@@ -381,14 +381,10 @@ def test_sent_event_types_are_audited_however_the_body_arrives(emulator, tmp_pat
     """`POST …/events` bodies are read for the audit record (the event types, never their
     content) on every arrival, trailers included, and the events reach the session."""
     audit = tmp_path / "audit.log"
-    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
-                                       gateway_keys={}, plugin_overrides=CONFIG, audit_path=audit)
-    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start()
-    gw = Gateway(envoy, emulator)
+    gw = own_gateway(emulator, audit_path=audit)
+    envoy = gw.envoy
     try:
-        agent = gw.ok("POST", "/v1/agents", key=ALICE, body={"name": "a", "model": "claude-sonnet-4-6"})["id"]
-        env = gw.ok("POST", "/v1/environments", key=ALICE, body={"name": "e", "config": CLOUD})["id"]
-        sid = gw.ok("POST", "/v1/sessions", key=ALICE, body={"agent": agent, "environment_id": env})["id"]
+        _, _, sid = alice_session(gw)
         data = json.dumps({"events": [
             {"type": "user.message", "content": [{"type": "text", "text": "secret words"}]},
             {"type": "user.interrupt"}]}).encode()

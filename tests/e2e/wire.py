@@ -220,3 +220,26 @@ def stream_until(port: int, path: str, headers: dict[str, str], marker: bytes, *
                     return Reply(status, reply_headers, body)
             sock.sendall(conn.data_to_send())
         return Reply(status, reply_headers, body)
+
+
+def stream_around(port: int, path: str, headers: dict[str, str], marker: bytes, *, protocol: str,
+                  action, timeout: float = 30) -> Reply:
+    """Opens the SSE stream `path`, runs `action()` once its head is in (e.g. the send that
+    starts a turn), and returns what arrived until `marker` (see `stream_until`)."""
+    import threading
+
+    opened, box = threading.Event(), {}
+
+    def read():
+        box["reply"] = stream_until(port, path, headers, marker, protocol=protocol, timeout=timeout,
+                                    opened=opened)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if not opened.wait(15):
+        raise TimeoutError(f"the stream {path} did not open")
+    action()
+    reader.join(timeout)
+    if "reply" not in box:
+        raise TimeoutError(f"the stream {path} did not reach {marker!r} within {timeout}s")
+    return box["reply"]
