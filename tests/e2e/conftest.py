@@ -78,6 +78,14 @@ def emulator():
     emu.stop()
 
 
+def configured_gateway(emulator: stack.Emulator, plugin_overrides: dict, **render) -> Gateway:
+    """A gateway of a test module's own: its plugin config names its own keys and tenants
+    (no default keys), in front of `emulator`, with the emulator's key."""
+    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
+                                       gateway_keys={}, plugin_overrides=plugin_overrides, **render)
+    return Gateway(stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start(), emulator)
+
+
 def start_gateway(emulator: stack.Emulator, *, api_key: str | None, plugin_overrides=None) -> stack.Envoy:
     config = stack.render_envoy_config(
         upstream=emulator.upstream,

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, configured_gateway
 from tests.e2e.test_limits import send, wait_turns
 from tests.harness import stack
 
@@ -53,12 +53,9 @@ def budget(cents: str):
 
 @pytest.fixture(scope="module")
 def gw(emulator):
-    config = stack.render_envoy_config(
-        upstream=emulator.upstream, listen_port=0, admin_port=0,
-        gateway_keys={}, plugin_overrides=CONFIG)
-    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key), concurrency=2).start()
-    yield Gateway(envoy, emulator)
-    envoy.stop()
+    gateway = configured_gateway(emulator, CONFIG)
+    yield gateway
+    gateway.envoy.stop()
 
 
 def upstream_session(gw, sid):

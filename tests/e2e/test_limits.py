@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import anthropic
 import pytest
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, configured_gateway
 from tests.harness import stack
 
 LIMITED, STREAMER, BUDGETED, MONEY, POLICED = (
@@ -53,12 +53,9 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def limited(emulator):
-    config = stack.render_envoy_config(
-        upstream=emulator.upstream, listen_port=0, admin_port=0,
-        gateway_keys={}, plugin_overrides=CONFIG)
-    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key), concurrency=2).start()
-    yield Gateway(envoy, emulator)
-    envoy.stop()
+    gateway = configured_gateway(emulator, CONFIG)
+    yield gateway
+    gateway.envoy.stop()
 
 
 def test_concurrent_load_never_exceeds_the_limit(limited):

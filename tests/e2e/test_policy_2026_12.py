@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, configured_gateway
 from tests.harness import stack
 
 POLICED, DEPLOYER = "gw-key-policed-2026-12", "gw-key-deployer-2026-12"
@@ -51,12 +51,9 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def gw(emulator):
-    config = stack.render_envoy_config(
-        upstream=emulator.upstream, listen_port=0, admin_port=0,
-        gateway_keys={}, plugin_overrides=CONFIG)
-    envoy = stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key), concurrency=2).start()
-    yield Gateway(envoy, emulator)
-    envoy.stop()
+    gateway = configured_gateway(emulator, CONFIG)
+    yield gateway
+    gateway.envoy.stop()
 
 
 @pytest.fixture(scope="module")

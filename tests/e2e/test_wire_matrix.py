@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 
 from tests.e2e import wire
-from tests.e2e.conftest import MANAGED_AGENTS_BETA, Gateway
+from tests.e2e.conftest import MANAGED_AGENTS_BETA, Gateway, configured_gateway
 from tests.e2e.test_metering import expected_cost
 from tests.e2e.test_sdk import metering_snapshot
 from tests.harness import stack
@@ -111,9 +111,7 @@ def wired(emulator):
 
 def own_gateway(emulator, **render) -> Gateway:
     """A gateway of this test's own on `emulator`, with the module's plugin config."""
-    config = stack.render_envoy_config(upstream=emulator.upstream, listen_port=0, admin_port=0,
-                                       gateway_keys={}, plugin_overrides=CONFIG, **render)
-    return Gateway(stack.Envoy(config=config, env=stack.envoy_env(emulator.api_key)).start(), emulator)
+    return configured_gateway(emulator, CONFIG, **render)
 
 
 def alice_session(gw: Gateway) -> tuple[str, str, str]:
