@@ -1230,6 +1230,32 @@ pub fn charge_session(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     charge(store, tenant, tokens, microdollars, now_ms / 1000)?;
+    adjust_session_spent(
+        store,
+        tenant,
+        session_id,
+        microdollars,
+        now_ms,
+        |entries, i| {
+            if let Some(entry) = entries.get_mut(i) {
+                entry.spent = entry.spent.saturating_add(microdollars);
+            }
+            entries.retain(|r| r.outstanding() > 0);
+        },
+    )
+}
+
+/// Applies `adjust` to `session_id`'s entry (index `i`) in the tenant's reservation ledger,
+/// if it has one and `microdollars` is not 0: what [`charge_session`] and [`refund_session`]
+/// share.
+fn adjust_session_spent(
+    store: &dyn Store,
+    tenant: &str,
+    session_id: Option<&str>,
+    microdollars: u64,
+    now_ms: u64,
+    adjust: impl Fn(&mut Vec<Reservation>, usize),
+) -> Result<(), StoreError> {
     let Some(session_id) = session_id.filter(|_| microdollars > 0) else {
         return Ok(());
     };
@@ -1239,9 +1265,8 @@ pub fn charge_session(
     }
     update(store, &key, CAS_ATTEMPTS, |value| {
         let mut entries = live_reservations(value, now_ms);
-        let entry = entries.iter_mut().find(|r| r.holder == session_id)?;
-        entry.spent = entry.spent.saturating_add(microdollars);
-        entries.retain(|r| r.outstanding() > 0);
+        let i = entries.iter().position(|r| r.holder == session_id)?;
+        adjust(&mut entries, i);
         Some((encode_reservations(&entries), ()))
     })?;
     Ok(())
@@ -1258,20 +1283,18 @@ pub fn refund_session(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     refund(store, tenant, microdollars, now_ms / 1000)?;
-    let Some(session_id) = session_id.filter(|_| microdollars > 0) else {
-        return Ok(());
-    };
-    let key = reservations_key(tenant);
-    if store.get(&key).is_none() {
-        return Ok(());
-    }
-    update(store, &key, CAS_ATTEMPTS, |value| {
-        let mut entries = live_reservations(value, now_ms);
-        let entry = entries.iter_mut().find(|r| r.holder == session_id)?;
-        entry.spent = entry.spent.saturating_sub(microdollars);
-        Some((encode_reservations(&entries), ()))
-    })?;
-    Ok(())
+    adjust_session_spent(
+        store,
+        tenant,
+        session_id,
+        microdollars,
+        now_ms,
+        |entries, i| {
+            if let Some(entry) = entries.get_mut(i) {
+                entry.spent = entry.spent.saturating_sub(microdollars);
+            }
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
